@@ -1,0 +1,72 @@
+"""Builds a ready engine from a ServerConfig: model files, tokenizer, 4-bit model, KV cache, scheduler."""
+
+import logging
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from .config import ServerConfig
+from .engine.engine import Engine, EngineLimits
+from .engine.kv_cache import BlockManager
+from .engine.runner import ModelRunner
+from .engine.scheduler import Scheduler
+from .model.loader import QuantSpec, load_model
+from .model.store import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    architecture: str
+    directory: str
+    device: str
+    dtype: str
+    quantization: str
+    max_sequence_length: int
+    vocab_size: int
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
+    from transformers import AutoTokenizer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_dir = resolve_model_dir(config.model, config.resolved_cache_dir())
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    log.info("loading %s on %s (%s, nf4 block %d)", model_dir, device, dtype, config.quant_blocksize)
+    model = load_model(model_dir, device, dtype, QuantSpec(blocksize=config.quant_blocksize))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = model.config
+    window = min(config.max_sequence_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size)
+    blocks = BlockManager(runner.num_blocks, config.kv_block_size)
+    scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size)
+    eos = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens), tuple(sorted(eos)))
+    name = pathlib.Path(model_dir).name
+    description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
+                                   "nf4", window, cfg.vocab_size)
+    return engine, description

@@ -1,0 +1,109 @@
+"""Server configuration: one validated dataclass; every field is a CLI flag and an environment variable.
+
+A field `max_batch_size` is the flag `--max-batch-size` and the variable `LORAPLEX_MAX_BATCH_SIZE`.
+Precedence: flag, then environment, then the default.
+"""
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "LORAPLEX_"
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    model: str = _opt("", "HF-format Llama-family checkpoint directory; empty = the embedded SmolLM2-135M-Instruct")
+    cache_dir: str = _opt("", "where converted models are kept; empty = $XDG_CACHE_HOME/loraplex")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = _opt("auto", "compute dtype: float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)")
+    quant_blocksize: int = _opt(64, "NF4 quantization block size (64, 128, 256, ...)")
+    kv_cache_mb: int = _opt(256, "memory for the KV cache, in MiB")
+    kv_block_size: int = _opt(16, "tokens per KV cache block")
+    max_batch_size: int = _opt(32, "most sequences decoded together in one step")
+    max_prefill_tokens: int = _opt(2048, "most prompt tokens prefilled in one step")
+    max_queue_size: int = _opt(256, "most requests waiting; more get RESOURCE_EXHAUSTED")
+    max_sequence_length: int = _opt(0, "prompt + generated tokens per request; 0 = the model's context window")
+    max_new_tokens: int = _opt(1024, "upper limit a request may ask for")
+    default_max_new_tokens: int = _opt(64, "used when a request leaves max_new_tokens unset")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(50051, "gRPC port (0 = pick a free one)")
+    grpc_workers: int = _opt(16, "threads serving RPCs")
+    threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
+    warmup: bool = _opt(True, "run one short generation before reporting SERVING")
+
+    def __post_init__(self):
+        positive = ["quant_blocksize", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
+                    "max_queue_size", "max_new_tokens", "default_max_new_tokens", "grpc_workers"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_sequence_length", "threads", "port"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:
+            raise ValueError(f"quant_blocksize must be a power of two >= 32, got {self.quant_blocksize}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+
+    def resolved_cache_dir(self) -> str:
+        if self.cache_dir:
+            return self.cache_dir
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "loraplex")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls=ServerConfig) -> None:
+    """Adds one flag per dataclass field; defaults come from the environment when set."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = int if f.type in (int, "int") else str
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, cls=ServerConfig, environ=None):
+    """Builds the config from parsed flags, falling back to LORAPLEX_* variables, then to defaults."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if given is not None:
+            values[f.name] = given
+        elif env is not None:
+            values[f.name] = _from_env(f, env)
+    return cls(**values)
+
+
+def _from_env(f: dataclasses.Field, text: str):
+    try:
+        if f.type in (bool, "bool"):
+            return _parse_bool(text)
+        if f.type in (int, "int"):
+            return int(text)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
+    return text

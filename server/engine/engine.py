@@ -1,0 +1,213 @@
+"""The engine loop: requests in, one model step at a time, outputs out to each request's sink.
+
+A background thread repeats: schedule (under the lock), run the step (outside it, so requests can be
+added or aborted meanwhile), postprocess (under the lock), then hand outputs to sinks (outside it).
+"""
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, InternalError
+from .prompt import encode_prompt, truncate
+from .request import GenerationRequest
+from .runner import ModelRunner
+from .scheduler import Batch, Scheduler
+from .sequence import RequestOutput, Sequence, Sink, Status, StopReason, TokenInfo
+from .stopping import TextTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_sequence_length: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float
+    kv_blocks_total: int
+    kv_blocks_free: int
+    preemptions: int
+    steps: int
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, limits: EngineLimits,
+                 eos_ids: tuple[int, ...]):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_ids = eos_ids
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        if request.adapter_id:
+            raise NotFoundError(f"adapter {request.adapter_id!r} not found")
+        seq = self._new_sequence(request, sink)
+        with self._lock:
+            if request.request_id in self._by_id:
+                raise InvalidArgumentError("request_id", f"{request.request_id!r} is already running")
+            self.scheduler.add(seq)
+            self._by_id[request.request_id] = seq
+            self._wake.notify()
+        return seq
+
+    def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
+        window = self.limits.max_sequence_length
+        if not ids:
+            raise InvalidArgumentError("text", "the prompt encodes to no tokens")
+        if len(ids) >= window:
+            raise InvalidArgumentError(
+                "text", f"the prompt has {len(ids)} tokens but the context window is {window}; "
+                        f"shorten it or set truncate_input_tokens")
+        if request.stopping.max_new_tokens > self.limits.max_new_tokens:
+            raise InvalidArgumentError("params.stopping.max_new_tokens",
+                                       f"must be <= {self.limits.max_new_tokens}, got {request.stopping.max_new_tokens}")
+        capacity = self.runner.num_blocks * self.runner.block_size
+        if min(len(ids) + request.stopping.max_new_tokens, window) > capacity:
+            raise ResourceExhaustedError(f"prompt + max_new_tokens needs more than the whole KV cache "
+                                         f"({capacity} tokens)")
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        stops = request.stopping
+        tracker = TextTracker(self._decode, stops.stop_sequences, stops.include_stop_sequence)
+        return Sequence(request, ids, seed, tracker, sink, max_total_tokens=window)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request now: a waiting or idle sequence frees its KV blocks at once; one inside the
+        running step does so right after that step."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+            if seq is None:
+                return
+            seq.aborted = True
+            if not seq.in_step:
+                self._finish(seq, StopReason.CANCELLED)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            blocks = self.scheduler.blocks
+            return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
+                               blocks.num_blocks, blocks.num_free, self.scheduler.preemptions, self.steps)
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                batch = self.scheduler.schedule()
+                for seq in batch.seqs if batch else ():
+                    seq.in_step = True
+            if batch is None:
+                continue
+            self._run(batch)
+
+    def _run(self, batch: Batch) -> None:
+        try:
+            sampled = self.runner.step(batch, self.eos_ids)
+            error = None
+        except Exception as exc:   # a failed step fails its requests, not the engine
+            log.exception("step failed for %d sequences", len(batch.seqs))
+            sampled, error = None, _classify(exc)
+        with self._lock:
+            self.steps += 1
+            outputs = [self._postprocess(seq, i, sampled, error) for i, seq in enumerate(batch.seqs)]
+        for seq, out in outputs:
+            if out is not None:
+                seq.sink(out)
+
+    # ---- after a step ---------------------------------------------------------------------------
+    def _postprocess(self, seq: Sequence, i: int, sampled, error):
+        seq.in_step = False
+        if seq.status is Status.FINISHED:
+            return seq, None
+        if seq.aborted:
+            self._finish(seq, StopReason.CANCELLED)
+            return seq, None
+        if error is not None:
+            self._finish(seq, StopReason.ERROR)
+            return seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)
+        token = sampled.token_ids[i]
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        info = self._token_info(seq, token, sampled, i)
+        n_out, stopping = len(seq.output_ids), seq.request.stopping
+        text, stop_seq = seq.tracker.update(seq.output_ids, check_stops=n_out >= stopping.min_new_tokens)
+        reason = self._stop_reason(seq, token, stop_seq)
+        if reason is StopReason.NOT_FINISHED:
+            return seq, self._output(seq, text, info, False, reason)
+        if reason is not StopReason.STOP_SEQUENCE:
+            text += seq.tracker.flush()
+        self._finish(seq, reason)
+        return seq, self._output(seq, text, info, True, reason, stop_seq or "")
+
+    def _stop_reason(self, seq: Sequence, token: int, stop_seq: str | None) -> StopReason:
+        stopping, n_out = seq.request.stopping, len(seq.output_ids)
+        if token in self.eos_ids and n_out >= stopping.min_new_tokens:
+            return StopReason.EOS_TOKEN
+        if stop_seq is not None:
+            return StopReason.STOP_SEQUENCE
+        if n_out >= stopping.max_new_tokens:
+            return StopReason.MAX_TOKENS
+        if seq.num_tokens >= seq.max_total_tokens:
+            return StopReason.TOKEN_LIMIT
+        limit = stopping.time_limit_millis
+        if limit and (time.monotonic() - seq.arrival) * 1000 >= limit:
+            return StopReason.TIME_LIMIT
+        return StopReason.NOT_FINISHED
+
+    def _token_info(self, seq: Sequence, token: int, sampled, i: int) -> list[TokenInfo]:
+        options = seq.request.response
+        if not (options.token_logprobs or options.top_n_tokens):
+            return []
+        top = [(t, self.tokenizer.decode([t]), lp) for t, lp in sampled.top[i]]
+        return [TokenInfo(token, self.tokenizer.decode([token]), sampled.logprobs[i], top)]
+
+    def _output(self, seq: Sequence, text, tokens, finished, reason, stop_sequence="", error=None):
+        return RequestOutput(seq.request_id, text, tokens, len(seq.prompt_ids), len(seq.output_ids),
+                             finished, reason, stop_sequence, seq.seed, error)
+
+    def _finish(self, seq: Sequence, reason: StopReason) -> None:
+        self.scheduler.finish(seq)
+        self._by_id.pop(seq.request_id, None)
+        seq.stop_reason = reason
+
+
+def _classify(exc: Exception) -> Exception:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower():
+        return ResourceExhaustedError(f"out of memory while running the batch: {exc}")
+    return InternalError(f"the step failed: {type(exc).__name__}: {exc}")

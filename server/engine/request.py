@@ -1,0 +1,86 @@
+"""What a client asks for, as plain validated values. Field names follow the gRPC API."""
+
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    seed: int | None = None
+    repetition_penalty: float = 1.0   # 1 = off
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise InvalidArgumentError("params.sampling.temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgumentError("params.sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgumentError("params.sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise InvalidArgumentError("params.sampling.repetition_penalty",
+                                       f"must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgumentError("params.sampling.seed", f"must be in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop_sequences: tuple[str, ...] = ()
+    include_stop_sequence: bool = False
+    time_limit_millis: int = 0        # 0 = none
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise InvalidArgumentError("params.stopping.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidArgumentError("params.stopping.min_new_tokens",
+                                       f"must be in [0, max_new_tokens={self.max_new_tokens}], "
+                                       f"got {self.min_new_tokens}")
+        if any(not s for s in self.stop_sequences):
+            raise InvalidArgumentError("params.stopping.stop_sequences", "must not contain an empty string")
+        if len(self.stop_sequences) > 16:
+            raise InvalidArgumentError("params.stopping.stop_sequences", "at most 16 are allowed")
+        if self.time_limit_millis < 0:
+            raise InvalidArgumentError("params.stopping.time_limit_millis", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    token_logprobs: bool = False
+    top_n_tokens: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.top_n_tokens <= 20:
+            raise InvalidArgumentError("params.response.top_n_tokens", f"must be in [0, 20], got {self.top_n_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """prompt is text, or chat messages as [{"role": ..., "content": ...}]."""
+    prompt: str | tuple[dict, ...]
+    adapter_id: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    response: ResponseOptions = field(default_factory=ResponseOptions)
+    truncate_input_tokens: int = 0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self):
+        if isinstance(self.prompt, str):
+            if not self.prompt:
+                raise InvalidArgumentError("text", "the prompt is empty")
+        elif not self.prompt:
+            raise InvalidArgumentError("messages", "no messages given")
+        if self.truncate_input_tokens < 0:
+            raise InvalidArgumentError("truncate_input_tokens", "must be >= 0")

@@ -1,0 +1,67 @@
+"""Runs one step on the model: builds the step context, feeds the tokens, samples the next ones.
+Never touches a queue; the scheduler and engine decide what runs."""
+
+import torch
+
+from ..model.context import StepContext
+from ..model.llama import LlamaForCausalLM
+from . import kv_cache
+from .sampler import Sampled, sample
+from .scheduler import Batch
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
+                 kv_cache_mb: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        per_token = kv_cache.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.num_blocks = kv_cache.num_blocks_for_budget(kv_cache_mb, block_size, per_token)
+        caches = kv_cache.allocate_caches(cfg.num_layers, self.num_blocks * block_size, cfg.num_kv_heads,
+                                          cfg.head_dim, dtype, device)
+        for layer, (k, v) in zip(model.model.layers, caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    @torch.inference_mode()
+    def step(self, batch: Batch, eos_ids: tuple[int, ...]) -> Sampled:
+        input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
+        logits = self.model(input_ids, ctx)
+        return sample(logits, batch.seqs, eos_ids)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prepare_prefill(self, seqs: list[Sequence]):
+        ids, positions, slots, bounds = [], [], [], [0]
+        for seq in seqs:
+            tokens = seq.all_ids()
+            ids += tokens
+            positions += range(len(tokens))
+            slots += self._slots(seq, 0, len(tokens))
+            bounds.append(bounds[-1] + len(tokens))
+        ctx = StepContext(is_prefill=True, positions=self._tensor(positions), slot_mapping=self._tensor(slots),
+                          cu_seqlens=bounds, logits_index=self._tensor([b - 1 for b in bounds[1:]]))
+        return self._tensor(ids), ctx
+
+    def _prepare_decode(self, seqs: list[Sequence]):
+        lengths = torch.tensor([seq.num_tokens for seq in seqs])
+        longest = int(lengths.max())
+        width = -(-longest // self.block_size)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            tables[i, :len(seq.block_table[:width])] = torch.tensor(seq.block_table[:width])
+        # KV rows each sequence attends to: [batch, longest]
+        rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)[:, :longest]
+        mask = torch.arange(longest)[None, :] < lengths[:, None]
+        last = rows[torch.arange(len(seqs)), lengths - 1]
+        ctx = StepContext(is_prefill=False, positions=(lengths - 1).to(self.device), slot_mapping=last.to(self.device),
+                          gather_index=rows.to(self.device), attn_mask=mask[:, None, None, :].to(self.device),
+                          logits_index=torch.arange(len(seqs), device=self.device))
+        return self._tensor([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]), ctx

@@ -1,0 +1,64 @@
+"""Picks each sequence's next token from its logits: greedy, or temperature / top-k / top-p sampling
+with the sequence's own seeded generator; repetition penalty and min_new_tokens apply before either.
+
+Reported logprobs are of the model's distribution after the repetition penalty, before temperature,
+top-k and top-p (the distribution the request's sampling settings reshape).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .sequence import Sequence
+
+
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[float] | None = None                          # per sequence, of the chosen token
+    top: list[list[tuple[int, float]]] | None = None             # per sequence, the n most likely
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
+    """logits: [batch, vocab] float32, row i for seqs[i]; modified in place."""
+    for i, seq in enumerate(seqs):
+        _penalize(logits[i], seq, eos_ids)
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = [greedy[i] if seq.request.sampling.greedy else _draw(logits[i], seq) for i, seq in enumerate(seqs)]
+    want_logprobs = any(s.request.response.token_logprobs or s.request.response.top_n_tokens for s in seqs)
+    if not want_logprobs:
+        return Sampled(tokens)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs[torch.arange(len(seqs)), torch.tensor(tokens)].tolist()
+    top = []
+    for i, seq in enumerate(seqs):
+        n = seq.request.response.top_n_tokens
+        values, ids = logprobs[i].topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        top.append(list(zip(ids.tolist(), values.tolist())))
+    return Sampled(tokens, chosen, top)
+
+
+def _penalize(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> None:
+    params = seq.request.sampling
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.all_ids())), dtype=torch.long)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if len(seq.output_ids) < seq.request.stopping.min_new_tokens and eos_ids:
+        row[list(eos_ids)] = float("-inf")
+
+
+def _draw(row: torch.Tensor, seq: Sequence) -> int:
+    params = seq.request.sampling
+    scores = row / params.temperature
+    if params.top_k and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        # drop tokens once the mass before them already reaches top_p; the first token always stays
+        drop = (cumulative - sorted_scores.softmax(-1)) >= params.top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

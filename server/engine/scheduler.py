@@ -1,0 +1,87 @@
+"""Chooses each step's sequences: admits waiting prompts while memory and batch room allow (prefill),
+otherwise decodes every running sequence one token. Never touches a tensor."""
+
+from collections import deque
+from dataclasses import dataclass
+
+from ..errors import ResourceExhaustedError
+from .kv_cache import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class Batch:
+    prefill: bool
+    seqs: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int, max_queue_size: int):
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_queue_size = max_queue_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_queue_size:
+            raise ResourceExhaustedError(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch | None:
+        admitted = self._admit()
+        if admitted:
+            return Batch(prefill=True, seqs=admitted)
+        self._reserve_decode_rows()
+        return Batch(prefill=False, seqs=list(self.running)) if self.running else None
+
+    def _admit(self) -> list[Sequence]:
+        admitted, tokens = [], 0
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            seq = self.waiting[0]
+            n = seq.num_tokens
+            if admitted and tokens + n > self.max_prefill_tokens:
+                break
+            if not self.blocks.can_grow(seq.block_table, n):
+                break
+            self.blocks.grow(seq.block_table, n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            admitted.append(seq)
+            tokens += n
+        self.running.extend(admitted)
+        return admitted
+
+    def _reserve_decode_rows(self) -> None:
+        """Each running sequence needs a KV row for the token it feeds; preempt the newest when short."""
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue
+            while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq.block_table, seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Its K/V are dropped and recomputed by a later prefill over prompt + output so far.
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.status = Status.FINISHED

@@ -1,0 +1,87 @@
+"""One request's life in the engine: its tokens, its KV blocks, its text so far."""
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .request import GenerationRequest
+from .stopping import TextTracker
+
+
+class StopReason(enum.Enum):
+    NOT_FINISHED = 0
+    MAX_TOKENS = 1
+    EOS_TOKEN = 2
+    CANCELLED = 3
+    TIME_LIMIT = 4
+    STOP_SEQUENCE = 5
+    TOKEN_LIMIT = 6
+    ERROR = 7
+
+
+class Status(enum.Enum):
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+
+
+@dataclass
+class TokenInfo:
+    token_id: int
+    text: str = ""
+    logprob: float = 0.0
+    top_tokens: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step adds to a request; the last one has finished=True."""
+    request_id: str
+    text: str
+    tokens: list[TokenInfo]
+    input_token_count: int
+    generated_token_count: int
+    finished: bool = False
+    stop_reason: StopReason = StopReason.NOT_FINISHED
+    stop_sequence: str = ""
+    seed: int = 0
+    error: Exception | None = None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], seed: int, tracker: TextTracker,
+                 sink: Sink, max_total_tokens: int):
+        self.request = request
+        self.request_id = request.request_id
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tracker = tracker
+        self.sink = sink
+        self.max_total_tokens = max_total_tokens   # prompt + output, the context window or less
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.pending_tokens: list[TokenInfo] = []
+        self.aborted = False
+        self.in_step = False           # inside the step the model is running now
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_cached(self) -> int:
+        """Tokens whose K/V are in the cache: all but the last during decode."""
+        return self.num_tokens - 1
+
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids

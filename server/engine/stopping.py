@@ -1,0 +1,64 @@
+"""Turning output tokens into text as they come, and finding stop sequences in it.
+
+Text is emitted only once it can no longer change: an incomplete UTF-8 character (decoded as U+FFFD)
+and any tail that could still grow into a stop sequence are held back until the next token decides.
+"""
+
+from typing import Callable, Sequence as Seq
+
+REPLACEMENT = "\ufffd"
+
+
+def find_stop(text: str, stops: Seq[str], start: int = 0) -> tuple[int, str] | None:
+    """The earliest stop sequence in text that ends after `start`: (index where it begins, the sequence)."""
+    best = None
+    for stop in stops:
+        i = text.find(stop, max(0, start - len(stop) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best
+
+
+def held_back(text: str, stops: Seq[str]) -> int:
+    """Length of the longest tail of text that is a proper beginning of some stop sequence."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class TextTracker:
+    def __init__(self, decode: Callable[[list[int]], str], stops: Seq[str] = (), include_stop: bool = False):
+        self.decode = decode
+        self.stops = tuple(stops)
+        self.include_stop = include_stop
+        self.sent = 0        # characters already emitted
+        self.checked = 0     # characters already searched for stop sequences
+        self.text = ""
+
+    def update(self, output_ids: list[int], check_stops: bool = True) -> tuple[str, str | None]:
+        """Decodes the tokens so far; returns (text to emit now, stop sequence found or None)."""
+        self.text = self.decode(output_ids)
+        if check_stops and self.stops:
+            found = find_stop(self.text, self.stops, self.checked)
+            self.checked = len(self.text)
+            if found is not None:
+                index, stop = found
+                end = index + len(stop) if self.include_stop else index
+                return self._emit(end), stop
+        stable = len(self.text.rstrip(REPLACEMENT))
+        return self._emit(stable - held_back(self.text[:stable], self.stops)), None
+
+    def flush(self) -> str:
+        """Everything not yet emitted, at the end of the request."""
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        chunk = self.text[self.sent:end]
+        self.sent = end
+        return chunk

@@ -1,0 +1,23 @@
+"""Per-step metadata, built once by the model runner before the forward pass; layers only read it.
+
+Tokens of all sequences in a step are laid out flat: `[num_tokens, hidden]`. A prefill step holds
+whole prompts back to back; a decode step holds one token per sequence.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepContext:
+    is_prefill: bool
+    positions: torch.Tensor            # [num_tokens] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor         # [num_tokens] int64, KV cache row each token's K/V is written to
+    # prefill: boundaries of each sequence's tokens in the flat layout, as Python ints
+    cu_seqlens: list[int] | None = None
+    # decode: KV rows each sequence attends to, padded, and which of them are real
+    gather_index: torch.Tensor | None = None   # [batch, max_context] int64 rows of the KV cache
+    attn_mask: torch.Tensor | None = None      # [batch, 1, 1, max_context] bool, True = attend
+    # rows of the hidden states whose logits are needed (the last token of each sequence)
+    logits_index: torch.Tensor | None = None   # [batch] int64

@@ -1,0 +1,152 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a flat token layout.
+
+Plain math: RMSNorm, rotary embeddings, grouped-query attention with a paged KV cache, SwiGLU.
+Linear layers are created as `nn.Linear` and swapped for 4-bit ones at load (see loader.py);
+this file does not know about quantization or adapters.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .context import StepContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Precomputed cos/sin tables for every position, so a step only indexes them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if cfg.rope_type == "default":
+            base = cfg.hf_config.rope_parameters["rope_theta"] if hasattr(cfg.hf_config, "rope_parameters") \
+                else cfg.hf_config.rope_theta
+            inv_freq = 1.0 / (base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](cfg.hf_config, "cpu")
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq.float())      # [max_pos, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)   # [max_pos, head_dim]
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, head_dim]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Set by the model runner: [num_kv_rows, num_kv_heads, head_dim] each.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos, sin, ctx: StepContext) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        self.k_cache[ctx.slot_mapping] = k
+        self.v_cache[ctx.slot_mapping] = v
+        out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+    def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        # Prompts attend only to themselves (no cached prefix), causally, one sequence at a time.
+        out = torch.empty_like(q)
+        bounds = ctx.cu_seqlens
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))   # [1, heads, len, dim]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
+        return out
+
+    def _decode(self, q, ctx: StepContext) -> torch.Tensor:
+        # q: [batch, heads, dim]; keys and values gathered from the paged cache: [batch, kv_heads, ctx, dim]
+        keys = self.k_cache[ctx.gather_index].transpose(1, 2)
+        values = self.v_cache[ctx.gather_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=ctx.attn_mask, enable_gqa=True)
+        return o[:, :, 0]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names match HF checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """input_ids: [num_tokens] -> logits [len(ctx.logits_index), vocab] in float32."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(ctx.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        x = self.model.norm(x[ctx.logits_index])
+        return self.lm_head(x).float()
