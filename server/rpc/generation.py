@@ -1,0 +1,74 @@
+"""loraplex.v1.GenerationService: translates messages, hands requests to the engine, streams back."""
+
+import asyncio
+import logging
+
+from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import generation_pb2_grpc as pb_grpc
+
+from ..build import ModelDescription
+from ..engine.engine import Engine
+from ..engine.sequence import RequestOutput
+from ..errors import InvalidArgumentError, LoraplexError
+from .convert import to_request, to_response
+from .errors import abort_with
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    def __init__(self, engine: Engine, model: ModelDescription, default_max_new_tokens: int, max_batch_size: int):
+        self.engine = engine
+        self.model = model
+        self.default_max_new_tokens = default_max_new_tokens
+        self.max_batch_size = max_batch_size
+
+    async def Generate(self, request, context):
+        text, tokens, last = [], [], None
+        async for out in self._run(request, context):
+            text.append(out.text)
+            tokens.extend(out.tokens)
+            last = out
+        return to_response(last, "".join(text), tokens)
+
+    async def GenerateStream(self, request, context):
+        async for out in self._run(request, context):
+            if out.text or out.tokens or out.finished:
+                yield to_response(out)
+
+    async def _run(self, request, context):
+        """Yields the request's outputs; aborts the RPC with the mapped status on any engine error."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        try:
+            req = to_request(request, self.default_max_new_tokens)
+            self.engine.add_request(req, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        except LoraplexError as exc:
+            await abort_with(context, exc)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if out.error is not None:
+                    finished = True
+                    await abort_with(context, out.error)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:   # the client went away (cancel, deadline): free its memory now
+                self.engine.abort(req.request_id)
+
+    async def Tokenize(self, request, context):
+        if not request.text:
+            await abort_with(context, InvalidArgumentError("text", "is empty"))
+        ids = self.engine.tokenizer.encode(request.text)
+        tokens = self.engine.tokenizer.convert_ids_to_tokens(ids) if request.return_tokens else []
+        return pb.TokenizeResponse(token_count=len(ids), token_ids=ids, tokens=tokens)
+
+    async def ModelInfo(self, request, context):
+        m, runner = self.model, self.engine.runner
+        return pb.ModelInfoResponse(
+            model_name=m.name, architecture=m.architecture, max_sequence_length=m.max_sequence_length,
+            max_new_tokens=self.engine.limits.max_new_tokens, quantization=m.quantization,
+            compute_dtype=m.dtype, device=m.device, vocab_size=m.vocab_size,
+            kv_cache_tokens=runner.num_blocks * runner.block_size, max_batch_size=self.max_batch_size)
