@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 from .config import ServerConfig, add_config_flags, config_from_args
 from .engine.engine import Engine
@@ -43,7 +44,17 @@ def warm_up(engine: Engine) -> None:
         raise RuntimeError(f"warm-up failed: {failure[0]}")
 
 
-async def serve(config: ServerConfig) -> int:
+@dataclass
+class Running:
+    server: object
+    health: object
+    engine: Engine
+    port: int
+    model: object
+
+
+async def start(config: ServerConfig) -> Running:
+    """Loads the model, starts listening (NOT_SERVING), warms up, then reports SERVING."""
     from .build import build_engine
     from .rpc.server import build_server
 
@@ -58,15 +69,24 @@ async def serve(config: ServerConfig) -> int:
         await asyncio.get_running_loop().run_in_executor(None, warm_up, engine)
     await health.set(True)
     print("loraplex ready: SERVING", flush=True)
+    return Running(server, health, engine, port, model)
+
+
+async def shutdown(running: Running, grace: float = GRACE_SECONDS) -> None:
+    log.info("stopping: NOT_SERVING, finishing running requests (grace %.0fs)", grace)
+    await running.health.set(False)
+    await running.server.stop(grace)
+    running.engine.stop()
+
+
+async def serve(config: ServerConfig) -> int:
+    running = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: NOT_SERVING, finishing running requests (grace %.0fs)", GRACE_SECONDS)
-    await health.set(False)
-    await server.stop(GRACE_SECONDS)
-    engine.stop()
+    await shutdown(running)
     return 0
 
 

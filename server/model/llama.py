@@ -31,6 +31,13 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        with torch.device("cpu"):   # real tables even when the model is built on the meta device
+            cos, sin = self._tables(cfg)
+        self.register_buffer("cos", cos, persistent=False)   # [max_pos, head_dim]
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if cfg.rope_type == "default":
@@ -43,8 +50,7 @@ class Rotary(nn.Module):
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float)
         freqs = torch.outer(positions, inv_freq.float())      # [max_pos, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)   # [max_pos, head_dim]
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        return emb.cos() * scaling, emb.sin() * scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)

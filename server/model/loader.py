@@ -33,7 +33,6 @@ def load_model(model_dir: pathlib.Path, device: torch.device, dtype: torch.dtype
     cfg = ModelConfig.from_hf(load_hf_config(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model.rotary = type(model.rotary)(cfg)   # buffers computed for real, not on meta
     weights = _read_safetensors(model_dir)
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
@@ -44,6 +43,7 @@ def load_model(model_dir: pathlib.Path, device: torch.device, dtype: torch.dtype
     _assign_plain(model, rest, device, dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.to(device)
     return model.eval().requires_grad_(False)
 
 

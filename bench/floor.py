@@ -1,0 +1,90 @@
+"""The floor of one decode step: only the work on the weights, nothing else (no attention, norms, rotary,
+sampling, Python scheduling).
+
+Built from the checkpoint's own fp32 weights, freshly quantized to NF4 (block 64), so it never touches the
+engine's modules (bitsandbytes may have repacked those into a CPU-specific layout on first forward).
+
+- dequant floor: for every quantized weight, dequantize it to fp32 and run F.linear at batch B;
+  plus the fp32 lm_head matmul.
+- fused floor: every weight as a bitsandbytes Linear4bit forward (on CPUs with AVX512-BF16 this is
+  bitsandbytes' fused 4-bit kernel, the path both our engine and HF take); plus the same lm_head matmul.
+"""
+
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+
+def _checkpoint(directory: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(pathlib.Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+class Floor:
+    def __init__(self, directory: str, blocksize: int = 64):
+        import bitsandbytes.functional as bnbf
+
+        tensors = _checkpoint(directory)
+        names = [k for k, v in tensors.items() if k.startswith("model.layers.") and k.endswith(".weight") and v.dim() == 2]
+        self.blocksize = blocksize
+        self.dense = [tensors[k].float().contiguous() for k in names]
+        self.quantized = [bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4") for w in self.dense]
+        self.lm_head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).float().contiguous()
+        self.modules = None
+        self.parameters = sum(w.numel() for w in self.dense)
+
+    def _inputs(self, batch: int) -> dict[int, torch.Tensor]:
+        sizes = {w.shape[1] for w in self.dense} | {self.lm_head.shape[1]}
+        return {k: torch.randn(batch, k) for k in sizes}
+
+    def _dequant_pass(self, x: dict[int, torch.Tensor]) -> None:
+        for packed, state in self.quantized:
+            weight = torch.ops.bitsandbytes.dequantize_4bit.default(packed, state.absmax, self.blocksize, "nf4",
+                                                                     state.shape, torch.float32)
+            F.linear(x[weight.shape[1]], weight)
+        F.linear(x[self.lm_head.shape[1]], self.lm_head)
+
+    def _fused_pass(self, x: dict[int, torch.Tensor]) -> None:
+        for module in self.modules:
+            module(x[module.in_features])
+        F.linear(x[self.lm_head.shape[1]], self.lm_head)
+
+    def _build_modules(self) -> None:
+        from loraplex.server.model.loader import QuantSpec, quantize_linear
+
+        spec = QuantSpec(blocksize=self.blocksize)
+        self.modules = [quantize_linear(w, None, torch.device("cpu"), torch.float32, spec) for w in self.dense]
+
+    @torch.inference_mode()
+    def step_seconds(self, batch: int, fused: bool, repeats: int) -> float:
+        """Fastest of `repeats` timed passes, after one warm-up pass."""
+        if fused and self.modules is None:
+            self._build_modules()
+        run = self._fused_pass if fused else self._dequant_pass
+        x = self._inputs(batch)
+        run(x)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    @torch.inference_mode()
+    def dequant_only_seconds(self, repeats: int) -> float:
+        """The dequantization part of the dequant floor alone (it does not depend on B)."""
+        best = float("inf")
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for packed, state in self.quantized:
+                torch.ops.bitsandbytes.dequantize_4bit.default(packed, state.absmax, self.blocksize, "nf4",
+                                                               state.shape, torch.float32)
+            best = min(best, time.perf_counter() - start)
+        return best

@@ -1,0 +1,331 @@
+"""The `loraplex` command: run the server, talk to it, or see it all at once with `loraplex demo`.
+
+    loraplex serve [--port 50051 --model DIR ...]      the server (flags: loraplex serve --help)
+    loraplex generate "Once upon a time" --stream       text to stdout, stop reason and token counts to stderr
+    loraplex generate --chat "What is 2 + 2?"
+    loraplex info | health | tokenize TEXT
+    loraplex demo                                       starts a server, asks it two things, stops it
+    loraplex bench [...]                                benchmarks (flags: loraplex bench --help)
+
+Connection flags have environment equivalents: --target LORAPLEX_TARGET, --timeout LORAPLEX_TIMEOUT,
+--token LORAPLEX_TOKEN; demo's --startup-timeout is LORAPLEX_STARTUP_TIMEOUT. Per-request flags of `generate`
+have none: several names (LORAPLEX_MAX_NEW_TOKENS, ...) are already server settings with another meaning.
+"""
+
+import argparse
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import fields
+
+from .client import DEFAULT_TARGET, Client, Generation, ModelInfo
+from .errors import DeadlineExceeded, LoraplexError, Unavailable
+
+DELEGATED = ("serve", "bench")   # everything after these words goes to their own parsers untouched
+DEMO_QUESTION = "What is the capital of France?"
+DEMO_PROMPT = "The three primary colors are"
+DEMO_MAX_NEW_TOKENS = 48
+STOP_WAIT_SECONDS = 30.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if extra and args.command != "demo":   # only demo forwards flags it does not know (to the server)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.run(args, extra)
+    except LoraplexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    # Imported here: the server pulls in torch, which the client verbs do not need.
+    if command == "serve":
+        from loraplex.server.main import main as run
+    else:
+        from loraplex.bench import main as run
+    return run(rest) or 0
+
+
+def build_parser(environ=None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="loraplex", description="A gRPC server for a 4-bit model and its LoRAs.",
+                                     allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the server (see loraplex serve --help)", add_help=False)
+    connection = _connection_flags(environ)
+    _add_generate(commands, connection)
+    info = commands.add_parser("info", parents=[connection], help="describe the served model")
+    info.set_defaults(run=_info)
+    health = commands.add_parser("health", parents=[connection], help="serving status; exit 0 if SERVING")
+    health.add_argument("--service", default="", help="one service's full name; empty = the whole server")
+    health.set_defaults(run=_health)
+    tokenize = commands.add_parser("tokenize", parents=[connection], help="text to token ids")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--tokens", action="store_true", help="also print each token's text")
+    tokenize.set_defaults(run=_tokenize)
+    _add_demo(commands, environ)
+    commands.add_parser("bench", help="benchmarks (see loraplex bench --help)", add_help=False)
+    return parser
+
+
+def _connection_flags(environ) -> argparse.ArgumentParser:
+    # String defaults go through `type`, so a bad LORAPLEX_TIMEOUT is reported like a bad --timeout.
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--target", default=environ.get("LORAPLEX_TARGET", DEFAULT_TARGET),
+                       help=f"server address host:port [env LORAPLEX_TARGET, default {DEFAULT_TARGET}]")
+    flags.add_argument("--timeout", type=float, default=environ.get("LORAPLEX_TIMEOUT"),
+                       help="seconds per call; unset = no deadline [env LORAPLEX_TIMEOUT]")
+    flags.add_argument("--token", default=environ.get("LORAPLEX_TOKEN"),
+                       help="bearer token sent as authorization metadata [env LORAPLEX_TOKEN]")
+    return flags
+
+
+def _add_generate(commands, connection) -> None:
+    p = commands.add_parser("generate", parents=[connection], help="generate text from a prompt")
+    p.add_argument("prompt", help='prompt text; "-" reads it from stdin')
+    p.add_argument("--adapter", default="", help="LoRA adapter id; empty = the base model")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--chat", action="store_true", help="send PROMPT as one user message (chat template)")
+    p.add_argument("--system", help="a system message before PROMPT (implies --chat)")
+    p.add_argument("--max-new-tokens", type=int, help="unset = the server's default")
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, help="unset = random (printed with the stop reason)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--stop", action="append", default=[], metavar="SEQ", help="stop sequence (repeatable)")
+    p.add_argument("--include-stop-sequence", action="store_true")
+    p.add_argument("--time-limit-ms", type=int, default=0, help="0 = none")
+    p.add_argument("--truncate-input-tokens", type=int, default=0, help="keep the prompt's last N tokens")
+    p.add_argument("--logprobs", action="store_true", help="print each token's logprob to stderr")
+    p.add_argument("--top-n-tokens", type=int, default=0, help="with --logprobs, also the n likeliest tokens")
+    p.add_argument("--request-id", default="")
+    p.set_defaults(run=_generate)
+
+
+def _add_demo(commands, environ) -> None:
+    p = commands.add_parser("demo", allow_abbrev=False, help="start a server, stream two answers, stop it",
+                            description="Flags demo does not know are passed to `loraplex serve`.")
+    p.add_argument("--port", type=int, default=0, help="server port; 0 = a free one")
+    p.add_argument("--startup-timeout", type=float, default=environ.get("LORAPLEX_STARTUP_TIMEOUT", "600"),
+                   help="seconds to wait for SERVING [env LORAPLEX_STARTUP_TIMEOUT, default 600]")
+    p.set_defaults(run=_demo)
+
+
+def _client(args) -> Client:
+    return Client(args.target, timeout=args.timeout, token=args.token)
+
+
+def generate_kwargs(args) -> dict:
+    """Parsed `generate` flags -> keyword arguments of Client.generate (prompt or messages included)."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    kwargs = dict(adapter_id=args.adapter, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  repetition_penalty=args.repetition_penalty, stop_sequences=tuple(args.stop),
+                  include_stop_sequence=args.include_stop_sequence, time_limit_millis=args.time_limit_ms,
+                  token_logprobs=args.logprobs, top_n_tokens=args.top_n_tokens,
+                  truncate_input_tokens=args.truncate_input_tokens, request_id=args.request_id)
+    if args.chat or args.system is not None:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        kwargs["messages"] = [*system, {"role": "user", "content": prompt}]
+    else:
+        kwargs["prompt"] = prompt
+    return kwargs
+
+
+def _generate(args, _extra) -> int:
+    kwargs = generate_kwargs(args)
+    with _client(args) as client:
+        if args.stream:
+            result, tokens = _print_stream(client.generate_stream(**kwargs))
+        else:
+            result = client.generate(**kwargs)
+            tokens = list(result.tokens)
+            print(result.text)
+    if args.logprobs:
+        _print_tokens(tokens)
+    print(summary(result), file=sys.stderr)
+    return 0
+
+
+def _print_stream(chunks) -> tuple[Generation, list]:
+    """Prints chunk texts as they arrive; returns the last chunk (stop reason, counts) and all tokens."""
+    last, tokens = None, []
+    for chunk in chunks:
+        print(chunk.text, end="", flush=True)
+        tokens.extend(chunk.tokens)
+        last = chunk
+    print()
+    if last is None:
+        raise LoraplexError("the stream ended before its final message")
+    return last, tokens
+
+
+def summary(result: Generation) -> str:
+    stop = f" stop_sequence={result.stop_sequence!r}" if result.stop_sequence else ""
+    return (f"[{result.stop_reason}{stop} input_tokens={result.input_token_count} "
+            f"generated_tokens={result.generated_token_count} seed={result.seed} request_id={result.request_id}]")
+
+
+def _print_tokens(tokens) -> None:
+    for t in tokens:
+        print(f"{t.token_id:>8} {t.logprob:10.4f} {t.text!r}", file=sys.stderr)
+        for alt in t.top_tokens:
+            print(f"{'':>8}   {alt.token_id:>8} {alt.logprob:10.4f} {alt.text!r}", file=sys.stderr)
+
+
+def _info(args, _extra) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+    for f in fields(ModelInfo):
+        print(f"{f.name:<20} {getattr(info, f.name)}")
+    return 0
+
+
+def _health(args, _extra) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _tokenize(args, _extra) -> int:
+    with _client(args) as client:
+        result = client.tokenize(args.text, return_tokens=args.tokens)
+    print(f"{result.token_count} tokens")
+    if args.tokens:
+        for token_id, text in zip(result.token_ids, result.tokens):
+            print(f"{token_id:>8} {text!r}")
+    else:
+        print(" ".join(str(i) for i in result.token_ids))
+    return 0
+
+
+def _demo(args, server_flags: list[str]) -> int:
+    port = args.port or free_port()
+    target = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as tmp:
+        log_path = pathlib.Path(tmp) / "server.log"
+        server = _start_server(port, server_flags, log_path)
+        previous = _interrupt_on_sigterm()   # the server has its own session: a killed demo must stop it
+        try:
+            if not _wait_for_server(server, target, log_path, args.startup_timeout):
+                return 1
+            _ask(target)
+        finally:
+            code = _stop_server(server)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if code not in (0, -signal.SIGTERM):
+            print(f"the server exited with code {code}:\n{_tail(log_path)}", file=sys.stderr)
+            return 1
+    print("server stopped.")
+    return 0
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM raises KeyboardInterrupt (so cleanup runs); returns the old handler, None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(port: int, server_flags: list[str]) -> list[str]:
+    # The user's flags come last so that theirs win (argparse keeps the last value).
+    return [sys.executable, "-m", "loraplex.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            *server_flags]
+
+
+def _start_server(port: int, server_flags: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    print(f"starting loraplex serve on 127.0.0.1:{port} "
+          "(the first start converts the embedded model once; that can take about a minute)", flush=True)
+    with open(log_path, "wb") as log:
+        # Own session: Ctrl-C reaches only the demo, which then stops the server with SIGTERM.
+        return subprocess.Popen(server_command(port, server_flags), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_server(server: subprocess.Popen, target: str, log_path: pathlib.Path, timeout: float) -> bool:
+    """Polls health until SERVING, printing progress; False (with the log's tail) if the server dies or stalls."""
+    start = last_report = time.monotonic()
+    with Client(target) as client:
+        while server.poll() is None:
+            elapsed = time.monotonic() - start
+            try:
+                if client.health(timeout=1.0) == "SERVING":
+                    print(f"server ready after {elapsed:.0f}s", flush=True)
+                    return True
+            except (Unavailable, DeadlineExceeded):
+                pass   # not listening yet
+            if elapsed > timeout:
+                print(f"the server was not SERVING after {timeout:g}s:\n{_tail(log_path)}", file=sys.stderr)
+                return False
+            if time.monotonic() - last_report >= 5.0:
+                print(f"  waiting ({elapsed:.0f}s): {_tail(log_path, 1)}", flush=True)
+                last_report = time.monotonic()
+            time.sleep(0.5)
+    print(f"the server exited with code {server.returncode}:\n{_tail(log_path)}", file=sys.stderr)
+    return False
+
+
+def _ask(target: str) -> None:
+    with Client(target, timeout=300.0) as client:
+        info = client.model_info()
+        print(f"\nmodel {info.model_name}: {info.quantization}, {info.compute_dtype} on {info.device}")
+        print(f"\nchat> {DEMO_QUESTION}")
+        result, _ = _print_stream(client.generate_stream(
+            messages=[{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=DEMO_MAX_NEW_TOKENS))
+        print(summary(result))
+        print(f"\ncompletion> {DEMO_PROMPT}")
+        result, _ = _print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
+        print(summary(result) + "\n")
+
+
+def _stop_server(server: subprocess.Popen) -> int:
+    if server.poll() is None:
+        print("stopping the server...", flush=True)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(STOP_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return server.returncode
+
+
+def _tail(log_path: pathlib.Path, lines: int = 20) -> str:
+    # Progress bars rewrite their line with \r: each rewrite counts as a line here.
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    parts = [p for p in text.replace("\r", "\n").split("\n") if p.strip()]
+    return "\n".join(parts[-lines:]) if parts else "(no output)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

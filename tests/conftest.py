@@ -1,0 +1,32 @@
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from servers import ServerThread, embedded_model_dir, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> pathlib.Path:
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_server_thread(tiny_model_dir):
+    """A server on a tiny random Llama, in this process (its engine can be inspected)."""
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, max_queue_size=16)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_server_thread) -> str:
+    """Target "127.0.0.1:PORT" of the tiny-model server."""
+    return tiny_server_thread.target

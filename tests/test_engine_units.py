@@ -1,0 +1,169 @@
+"""Pure pieces, table-tested: stop sequences, text hold-back, KV blocks, scheduling, config."""
+
+import argparse
+
+import pytest
+
+from loraplex.server.config import ServerConfig, add_config_flags, config_from_args
+from loraplex.server.engine.kv_cache import BlockManager
+from loraplex.server.engine.prompt import truncate
+from loraplex.server.engine.request import GenerationRequest, StoppingParams
+from loraplex.server.engine.scheduler import Scheduler
+from loraplex.server.engine.sequence import Sequence, Status
+from loraplex.server.engine.stopping import TextTracker, find_stop, held_back
+from loraplex.server.errors import InvalidArgumentError, ResourceExhaustedError
+
+
+@pytest.mark.parametrize("text, stops, start, expected", [
+    ("hello world", ["world"], 0, (6, "world")),
+    ("hello world", ["xyz"], 0, None),
+    ("a b c b", ["b", "c"], 0, (2, "b")),
+    ("a b c b", ["c", "b"], 4, (4, "c")),          # only matches ending after `start`
+    ("abcabc", ["bc"], 4, (4, "bc")),
+    ("ab\n\ncd", ["\n\n"], 3, (2, "\n\n")),       # a match straddling the checked boundary is found
+])
+def test_find_stop(text, stops, start, expected):
+    assert find_stop(text, stops, start) == expected
+
+
+@pytest.mark.parametrize("text, stops, expected", [
+    ("hello", ["lo!"], 2),      # "lo" could become "lo!"
+    ("hello", ["xyz"], 0),
+    ("hello\n", ["\n\n"], 1),
+    ("abc", ["abcd", "c"], 3),
+    ("", ["ab"], 0),
+])
+def test_held_back(text, stops, expected):
+    assert held_back(text, stops) == expected
+
+
+def tracker_run(pieces, stops, include=False):
+    """Feeds token-by-token text; returns the emitted chunks and the stop found."""
+    tracker = TextTracker(lambda ids: "".join(pieces[i] for i in ids), stops, include)
+    chunks, ids = [], []
+    for i in range(len(pieces)):
+        ids.append(i)
+        chunk, stop = tracker.update(ids)
+        chunks.append(chunk)
+        if stop:
+            return chunks, stop
+    chunks.append(tracker.flush())
+    return chunks, None
+
+
+def test_tracker_holds_back_possible_stop_prefix_then_releases():
+    chunks, stop = tracker_run(["Hi", " E", "ND", "?"], ["END."])
+    assert stop is None
+    assert chunks == ["Hi", " ", "", "END?", ""]
+
+
+@pytest.mark.parametrize("include, text", [(False, "one two "), (True, "one two STOP")])
+def test_tracker_cuts_at_stop_sequence(include, text):
+    chunks, stop = tracker_run(["one", " two", " ST", "OP", " more"], ["STOP"], include)
+    assert stop == "STOP"
+    assert "".join(chunks) == text
+
+
+def test_tracker_waits_for_complete_utf8():
+    # a character split over two tokens decodes to U+FFFD until its second token arrives
+    decoded = {1: "caf", 2: "caf\ufffd", 3: "café!"}
+    tracker = TextTracker(lambda ids: decoded[len(ids)])
+    assert [tracker.update([0] * n)[0] for n in (1, 2, 3)] == ["caf", "", "é!"]
+
+
+def test_truncate_keeps_last_tokens():
+    assert truncate([1, 2, 3, 4], 2) == [3, 4]
+    assert truncate([1, 2, 3, 4], 0) == [1, 2, 3, 4]
+    assert truncate([1, 2], 5) == [1, 2]
+
+
+def test_block_manager_grows_and_releases():
+    blocks = BlockManager(num_blocks=4, block_size=16)
+    table = []
+    blocks.grow(table, 17)
+    assert len(table) == 2 and blocks.num_free == 2
+    blocks.grow(table, 32)
+    assert len(table) == 2
+    assert not blocks.can_grow(table, 65)
+    with pytest.raises(MemoryError):
+        blocks.grow(table, 65)
+    blocks.release(table)
+    assert table == [] and blocks.num_free == 4 and blocks.usage == 0.0
+
+
+def seq(n_prompt: int, max_new: int = 8) -> Sequence:
+    req = GenerationRequest(prompt="x", stopping=StoppingParams(max_new_tokens=max_new))
+    return Sequence(req, list(range(n_prompt)), 0, TextTracker(str), lambda out: None, 512)
+
+
+def test_scheduler_prefills_first_then_decodes():
+    s = Scheduler(BlockManager(8, 4), max_batch_size=2, max_prefill_tokens=100, max_queue_size=4)
+    a, b, c = seq(3), seq(3), seq(3)
+    for x in (a, b, c):
+        s.add(x)
+    batch = s.schedule()
+    assert batch.prefill and batch.seqs == [a, b]          # batch room for two
+    batch = s.schedule()
+    assert not batch.prefill and batch.seqs == [a, b]      # c waits for room
+    s.finish(a)
+    batch = s.schedule()
+    assert batch.prefill and batch.seqs == [c]
+
+
+def test_scheduler_respects_prefill_token_budget():
+    s = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_tokens=10, max_queue_size=8)
+    a, b = seq(6), seq(6)
+    s.add(a), s.add(b)
+    assert s.schedule().seqs == [a]
+    assert s.schedule().seqs == [b]
+
+
+def test_scheduler_preempts_newest_when_blocks_run_out():
+    s = Scheduler(BlockManager(2, 4), max_batch_size=4, max_prefill_tokens=100, max_queue_size=4)
+    a, b = seq(4), seq(4)
+    s.add(a), s.add(b)
+    assert s.schedule().seqs == [a, b]          # each takes its one block
+    a.output_ids.append(7)
+    b.output_ids.append(7)                      # both need a second block, none is free
+    batch = s.schedule()
+    assert batch.seqs == [a] and b.status is Status.WAITING and s.preemptions == 1
+    assert s.blocks.num_free == 0 and b.block_table == []
+
+
+def test_scheduler_refuses_when_queue_full():
+    s = Scheduler(BlockManager(4, 4), max_batch_size=1, max_prefill_tokens=100, max_queue_size=1)
+    s.add(seq(2))
+    with pytest.raises(ResourceExhaustedError, match="queue is full"):
+        s.add(seq(2))
+
+
+def test_finish_frees_blocks_of_waiting_and_running():
+    s = Scheduler(BlockManager(4, 4), max_batch_size=1, max_prefill_tokens=100, max_queue_size=4)
+    a, b = seq(4), seq(4)
+    s.add(a), s.add(b)
+    s.schedule()
+    s.finish(b)     # waiting
+    s.finish(a)     # running
+    assert s.blocks.num_free == 4 and not s.has_work()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0 + 1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_sampling_params_name_the_field(kwargs, field):
+    from loraplex.server.engine.request import SamplingParams
+    with pytest.raises(InvalidArgumentError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_config_flags_and_environment():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--max-batch-size", "7", "--no-warmup"])
+    config = config_from_args(args, environ={"LORAPLEX_MAX_BATCH_SIZE": "3", "LORAPLEX_PORT": "1234"})
+    assert config.max_batch_size == 7 and config.port == 1234 and config.warmup is False
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServerConfig(max_batch_size=0)
