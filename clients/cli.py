@@ -60,6 +60,7 @@ def _delegate(command: str, rest: list[str]) -> int:
         from loraplex.server.main import main as run
     else:
         from loraplex.bench import main as run
+        run = getattr(run, "main", run)   # a function in bench/__init__.py or the module bench/main.py
     return run(rest) or 0
 
 

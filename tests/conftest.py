@@ -30,3 +30,29 @@ def tiny_server_thread(tiny_model_dir):
 def tiny_server(tiny_server_thread) -> str:
     """Target "127.0.0.1:PORT" of the tiny-model server."""
     return tiny_server_thread.target
+
+
+@pytest.fixture(scope="session")
+def embedded_server_thread():
+    """A server on the embedded SmolLM2-135M-Instruct, in this process."""
+    server = ServerThread(max_batch_size=8, kv_cache_mb=128)
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def stub_for():
+    """Makes a raw GenerationService stub for a target; channels are closed after the test."""
+    import grpc
+    from loraplex.v1 import generation_pb2_grpc
+
+    channels = []
+
+    def make(target):
+        channel = grpc.insecure_channel(target)
+        channels.append(channel)
+        return generation_pb2_grpc.GenerationServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        channel.close()

@@ -51,17 +51,25 @@ class ModelRunner:
         return self._tensor(ids), ctx
 
     def _prepare_decode(self, seqs: list[Sequence]):
-        lengths = torch.tensor([seq.num_tokens for seq in seqs])
-        longest = int(lengths.max())
-        width = -(-longest // self.block_size)
+        lengths = [seq.num_tokens for seq in seqs]
+        width = -(-max(lengths) // self.block_size)
         tables = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, seq in enumerate(seqs):
-            tables[i, :len(seq.block_table[:width])] = torch.tensor(seq.block_table[:width])
-        # KV rows each sequence attends to: [batch, longest]
-        rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)[:, :longest]
-        mask = torch.arange(longest)[None, :] < lengths[:, None]
-        last = rows[torch.arange(len(seqs)), lengths - 1]
-        ctx = StepContext(is_prefill=False, positions=(lengths - 1).to(self.device), slot_mapping=last.to(self.device),
-                          gather_index=rows.to(self.device), attn_mask=mask[:, None, None, :].to(self.device),
+            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table[:width])
+        # KV cache rows of every position of every sequence: [batch, width * block_size]
+        rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)
+        ctx = StepContext(is_prefill=False, positions=self._tensor([n - 1 for n in lengths]),
+                          slot_mapping=rows[torch.arange(len(seqs)), torch.tensor(lengths) - 1].to(self.device),
+                          decode_groups=self._groups(lengths, rows),
                           logits_index=torch.arange(len(seqs), device=self.device))
-        return self._tensor([seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]), ctx
+        last = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
+        return self._tensor(last), ctx
+
+    def _groups(self, lengths: list[int], rows: torch.Tensor):
+        """Batch rows grouped by context length, with their KV rows cut to that length."""
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        if len(by_length) == 1:
+            return [(None, rows[:, :lengths[0]].to(self.device))]
+        return [(self._tensor(members), rows[members, :n].to(self.device)) for n, members in by_length.items()]

@@ -16,8 +16,9 @@ class StepContext:
     slot_mapping: torch.Tensor         # [num_tokens] int64, KV cache row each token's K/V is written to
     # prefill: boundaries of each sequence's tokens in the flat layout, as Python ints
     cu_seqlens: list[int] | None = None
-    # decode: KV rows each sequence attends to, padded, and which of them are real
-    gather_index: torch.Tensor | None = None   # [batch, max_context] int64 rows of the KV cache
-    attn_mask: torch.Tensor | None = None      # [batch, 1, 1, max_context] bool, True = attend
+    # decode: sequences grouped by context length; each group is (which batch rows, their KV cache rows
+    # [group, context]). Grouping instead of padding keeps each sequence's attention bitwise the same
+    # whatever else is in the batch, so batching never changes a greedy answer.
+    decode_groups: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
     # rows of the hidden states whose logits are needed (the last token of each sequence)
     logits_index: torch.Tensor | None = None   # [batch] int64

@@ -99,11 +99,17 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q, ctx: StepContext) -> torch.Tensor:
-        # q: [batch, heads, dim]; keys and values gathered from the paged cache: [batch, kv_heads, ctx, dim]
-        keys = self.k_cache[ctx.gather_index].transpose(1, 2)
-        values = self.v_cache[ctx.gather_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=ctx.attn_mask, enable_gqa=True)
-        return o[:, :, 0]
+        # q: [batch, heads, dim]; per group, K/V gathered from the paged cache: [group, kv_heads, context, dim]
+        out = torch.empty_like(q) if len(ctx.decode_groups) > 1 else None
+        for index, rows in ctx.decode_groups:
+            keys = self.k_cache[rows].transpose(1, 2)
+            values = self.v_cache[rows].transpose(1, 2)
+            q_group = q if index is None else q[index]
+            o = F.scaled_dot_product_attention(q_group[:, :, None], keys, values, enable_gqa=True)[:, :, 0]
+            if out is None:
+                return o
+            out[index] = o
+        return out
 
 
 class MLP(nn.Module):

@@ -1,0 +1,5 @@
+import sys
+
+from .engine_bench import main
+
+sys.exit(main())
