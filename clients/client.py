@@ -98,7 +98,7 @@ def build_generate_request(prompt: str | None = None, *, messages: Sequence | No
         raise ValueError("give exactly one of prompt or messages")
     sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p,
                                      repetition_penalty=repetition_penalty, seed=seed)
-    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens or 0, min_new_tokens=min_new_tokens,
+    stopping = pb.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                    stop_sequences=list(stop_sequences), include_stop_sequence=include_stop_sequence,
                                    time_limit_millis=time_limit_millis)
     response = pb.ResponseOptions(token_logprobs=token_logprobs, top_n_tokens=top_n_tokens)

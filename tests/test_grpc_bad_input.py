@@ -30,6 +30,7 @@ def long_request(n=400):
     (pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="hi")])),
      INVALID, "messages[0].role"),
     (gen("word " * 600), INVALID, "context window"),
+    (gen(max_new_tokens=0), INVALID, "max_new_tokens"),
     (gen(max_new_tokens=10_000), INVALID, "max_new_tokens"),
     (gen(max_new_tokens=4, min_new_tokens=8), INVALID, "min_new_tokens"),
     (gen(temperature=-0.5), INVALID, "temperature"),

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\x7f\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x42\x07\n\x05_seed\"\x94\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x1d\n\x15include_stop_sequence\x18\x04 \x01(\x08\x12\x19\n\x11time_limit_millis\x18\x05 \x01(\x04\"?\n\x0fResponseOptions\x12\x16\n\x0etoken_logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x02 \x01(\r\"\xa0\x01\n\nParameters\x12\x31\n\x08sampling\x18\x01 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12/\n\x08stopping\x18\x02 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1c.loraplex.v1.ResponseOptions\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.loraplex.v1.Parameters\x12\x1d\n\x15truncate_input_tokens\x18\x06 \x01(\rB\x08\n\x06prompt\";\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"g\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12)\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x15.loraplex.v1.TopToken\"\xe9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11input_token_count\x18\x02 \x01(\r\x12\x1d\n\x15generated_token_count\x18\x03 \x01(\r\x12,\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x17.loraplex.v1.StopReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12&\n\x06tokens\x18\x07 \x03(\x0b\x32\x16.loraplex.v1.TokenInfo\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"6\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\"J\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xf4\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x15\n\rcompute_dtype\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r*\x8b\x01\n\nStopReason\x12\x10\n\x0cNOT_FINISHED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\r\n\tCANCELLED\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\x11\n\rSTOP_SEQUENCE\x10\x05\x12\x0f\n\x0bTOKEN_LIMIT\x10\x06\x12\t\n\x05\x45RROR\x10\x07\x32\xc2\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.loraplex.v1.ModelInfoRequest\x1a\x1e.loraplex.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\x7f\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x42\x07\n\x05_seed\"\xac\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x1d\n\x15include_stop_sequence\x18\x04 \x01(\x08\x12\x19\n\x11time_limit_millis\x18\x05 \x01(\x04\x42\x11\n\x0f_max_new_tokens\"?\n\x0fResponseOptions\x12\x16\n\x0etoken_logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x02 \x01(\r\"\xa0\x01\n\nParameters\x12\x31\n\x08sampling\x18\x01 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12/\n\x08stopping\x18\x02 \x01(\x0b\x32\x1d.loraplex.v1.StoppingCriteria\x12.\n\x08response\x18\x03 \x01(\x0b\x32\x1c.loraplex.v1.ResponseOptions\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.loraplex.v1.Parameters\x12\x1d\n\x15truncate_input_tokens\x18\x06 \x01(\rB\x08\n\x06prompt\";\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"g\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12)\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x15.loraplex.v1.TopToken\"\xe9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11input_token_count\x18\x02 \x01(\r\x12\x1d\n\x15generated_token_count\x18\x03 \x01(\r\x12,\n\x0bstop_reason\x18\x04 \x01(\x0e\x32\x17.loraplex.v1.StopReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12&\n\x06tokens\x18\x07 \x03(\x0b\x32\x16.loraplex.v1.TokenInfo\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"6\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\"J\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xf4\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x15\n\rcompute_dtype\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r*\x8b\x01\n\nStopReason\x12\x10\n\x0cNOT_FINISHED\x10\x00\x12\x0e\n\nMAX_TOKENS\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\r\n\tCANCELLED\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\x11\n\rSTOP_SEQUENCE\x10\x05\x12\x0f\n\x0bTOKEN_LIMIT\x10\x06\x12\t\n\x05\x45RROR\x10\x07\x32\xc2\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.loraplex.v1.ModelInfoRequest\x1a\x1e.loraplex.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=1666
-  _globals['_STOPREASON']._serialized_end=1805
+  _globals['_STOPREASON']._serialized_start=1690
+  _globals['_STOPREASON']._serialized_end=1829
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_CHATMESSAGES']._serialized_start=91
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMETERS']._serialized_start=151
   _globals['_SAMPLINGPARAMETERS']._serialized_end=278
   _globals['_STOPPINGCRITERIA']._serialized_start=281
-  _globals['_STOPPINGCRITERIA']._serialized_end=429
-  _globals['_RESPONSEOPTIONS']._serialized_start=431
-  _globals['_RESPONSEOPTIONS']._serialized_end=494
-  _globals['_PARAMETERS']._serialized_start=497
-  _globals['_PARAMETERS']._serialized_end=657
-  _globals['_GENERATEREQUEST']._serialized_start=660
-  _globals['_GENERATEREQUEST']._serialized_end=862
-  _globals['_TOPTOKEN']._serialized_start=864
-  _globals['_TOPTOKEN']._serialized_end=923
-  _globals['_TOKENINFO']._serialized_start=925
-  _globals['_TOKENINFO']._serialized_end=1028
-  _globals['_GENERATERESPONSE']._serialized_start=1031
-  _globals['_GENERATERESPONSE']._serialized_end=1264
-  _globals['_TOKENIZEREQUEST']._serialized_start=1266
-  _globals['_TOKENIZEREQUEST']._serialized_end=1320
-  _globals['_TOKENIZERESPONSE']._serialized_start=1322
-  _globals['_TOKENIZERESPONSE']._serialized_end=1396
-  _globals['_MODELINFOREQUEST']._serialized_start=1398
-  _globals['_MODELINFOREQUEST']._serialized_end=1416
-  _globals['_MODELINFORESPONSE']._serialized_start=1419
-  _globals['_MODELINFORESPONSE']._serialized_end=1663
-  _globals['_GENERATIONSERVICE']._serialized_start=1808
-  _globals['_GENERATIONSERVICE']._serialized_end=2130
+  _globals['_STOPPINGCRITERIA']._serialized_end=453
+  _globals['_RESPONSEOPTIONS']._serialized_start=455
+  _globals['_RESPONSEOPTIONS']._serialized_end=518
+  _globals['_PARAMETERS']._serialized_start=521
+  _globals['_PARAMETERS']._serialized_end=681
+  _globals['_GENERATEREQUEST']._serialized_start=684
+  _globals['_GENERATEREQUEST']._serialized_end=886
+  _globals['_TOPTOKEN']._serialized_start=888
+  _globals['_TOPTOKEN']._serialized_end=947
+  _globals['_TOKENINFO']._serialized_start=949
+  _globals['_TOKENINFO']._serialized_end=1052
+  _globals['_GENERATERESPONSE']._serialized_start=1055
+  _globals['_GENERATERESPONSE']._serialized_end=1288
+  _globals['_TOKENIZEREQUEST']._serialized_start=1290
+  _globals['_TOKENIZEREQUEST']._serialized_end=1344
+  _globals['_TOKENIZERESPONSE']._serialized_start=1346
+  _globals['_TOKENIZERESPONSE']._serialized_end=1420
+  _globals['_MODELINFOREQUEST']._serialized_start=1422
+  _globals['_MODELINFOREQUEST']._serialized_end=1440
+  _globals['_MODELINFORESPONSE']._serialized_start=1443
+  _globals['_MODELINFORESPONSE']._serialized_end=1687
+  _globals['_GENERATIONSERVICE']._serialized_start=1832
+  _globals['_GENERATIONSERVICE']._serialized_end=2154
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ def to_request(msg: pb.GenerateRequest, default_max_new_tokens: int) -> Generati
         repetition_penalty=s.repetition_penalty if s.repetition_penalty != 0 else 1.0,
     )
     stopping = StoppingParams(
-        max_new_tokens=st.max_new_tokens or default_max_new_tokens,
+        max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else default_max_new_tokens,
         min_new_tokens=st.min_new_tokens,
         stop_sequences=tuple(st.stop_sequences),
         include_stop_sequence=st.include_stop_sequence,
