@@ -165,8 +165,9 @@ def method_section(results: dict) -> list[str]:
         "- **Dequant floor**: the checkpoint's fp32 weights freshly quantized with "
         "`bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type='nf4')`; one step = "
         "`torch.ops.bitsandbytes.dequantize_4bit` of every weight + `F.linear` at batch B, plus the fp32 "
-        "lm_head matmul. Floor tok/s = B / step time (fastest of "
-        f"{s['floor_repeats']} passes). It leaves out attention, norms, rotary, sampling and all Python.",
+        "lm_head matmul. Floor tok/s = B / step time, where the step time is the sum over these calls of each "
+        f"call's fastest time in {s['floor_repeats']} passes (so a neighbour's burst during one call stays out). "
+        "It leaves out attention, norms, rotary, sampling, the KV cache and all Python.",
         "- **Fused floor**: the same weights as bitsandbytes `Linear4bit` modules (their forward, which on a "
         "CPU with AVX512-BF16 repacks the weight once and runs bitsandbytes' fused 4-bit kernel in bf16, the "
         "kernel our engine and HF both use), plus the same lm_head matmul.",

@@ -64,11 +64,39 @@ def test_tracker_cuts_at_stop_sequence(include, text):
     assert "".join(chunks) == text
 
 
+BYTES = {0: b"caf", 1: b"\xc3", 2: b"\xa9!", 3: b" ok", 4: b"\xe2\x82"}
+
+
+def byte_decode(ids):
+    return b"".join(BYTES[i] for i in ids).decode("utf-8", errors="replace")
+
+
 def test_tracker_waits_for_complete_utf8():
-    # a character split over two tokens decodes to U+FFFD until its second token arrives
-    decoded = {1: "caf", 2: "caf\ufffd", 3: "café!"}
-    tracker = TextTracker(lambda ids: decoded[len(ids)])
-    assert [tracker.update([0] * n)[0] for n in (1, 2, 3)] == ["caf", "", "é!"]
+    # "é" is split over tokens 1 and 2; alone, token 1 decodes to U+FFFD and must not be emitted
+    tracker = TextTracker(byte_decode)
+    ids = [0, 1, 2, 3]
+    assert [tracker.update(ids[:n])[0] for n in (1, 2, 3, 4)] == ["caf", "", "é!", " ok"]
+
+
+def test_tracker_flushes_an_unfinished_character_at_the_end():
+    tracker = TextTracker(byte_decode)
+    assert tracker.update([0])[0] == "caf"
+    assert tracker.update([0, 4])[0] == ""
+    assert tracker.flush() == "\ufffd"
+
+
+def test_tracker_decodes_a_window_not_the_whole_text():
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return "".join(f"<{i}>" for i in ids)
+
+    tracker = TextTracker(decode)
+    ids = list(range(200))
+    text = "".join(tracker.update(ids[:n])[0] for n in range(1, 201))
+    assert text == decode(ids)
+    assert max(calls[:-1]) <= 2
 
 
 def test_truncate_keeps_last_tokens():

@@ -31,6 +31,10 @@ def held_back(text: str, stops: Seq[str]) -> int:
 
 
 class TextTracker:
+    """Decodes only a short window of recent tokens per step (O(1) per token, not O(length)): the text a
+    token adds is the decode of [prefix .. now] minus the decode of [prefix .. last read], so tokenizers
+    that render a token differently at the start of a text (leading spaces) still come out right."""
+
     def __init__(self, decode: Callable[[list[int]], str], stops: Seq[str] = (), include_stop: bool = False):
         self.decode = decode
         self.stops = tuple(stops)
@@ -38,10 +42,13 @@ class TextTracker:
         self.sent = 0        # characters already emitted
         self.checked = 0     # characters already searched for stop sequences
         self.text = ""
+        self._prefix = 0     # token offsets of the decode window
+        self._read = 0
+        self._ids: list[int] = []
 
     def update(self, output_ids: list[int], check_stops: bool = True) -> tuple[str, str | None]:
-        """Decodes the tokens so far; returns (text to emit now, stop sequence found or None)."""
-        self.text = self.decode(output_ids)
+        """Takes the tokens so far; returns (text to emit now, stop sequence found or None)."""
+        self._advance(output_ids)
         if check_stops and self.stops:
             found = find_stop(self.text, self.stops, self.checked)
             self.checked = len(self.text)
@@ -49,11 +56,20 @@ class TextTracker:
                 index, stop = found
                 end = index + len(stop) if self.include_stop else index
                 return self._emit(end), stop
-        stable = len(self.text.rstrip(REPLACEMENT))
-        return self._emit(stable - held_back(self.text[:stable], self.stops)), None
+        return self._emit(len(self.text) - held_back(self.text, self.stops)), None
+
+    def _advance(self, ids: list[int], final: bool = False) -> None:
+        self._ids = ids
+        before = self.decode(ids[self._prefix:self._read])
+        after = self.decode(ids[self._prefix:])
+        # U+FFFD at the end: a character split across tokens; wait for the rest of it
+        if len(after) > len(before) and (final or not after.endswith(REPLACEMENT)):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(ids)
 
     def flush(self) -> str:
-        """Everything not yet emitted, at the end of the request."""
+        """Everything not yet emitted, at the end of the request (an unfinished character included)."""
+        self._advance(self._ids, final=True)
         return self._emit(len(self.text))
 
     def _emit(self, end: int) -> str:
