@@ -10,15 +10,16 @@ import datetime
 import logging
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
 import torch
 
-from . import floor as floor_mod, hf, ours, report
-from .workload import PROMPTS, decode_prompts, poisson_stream
+from loraplex.server.config import ServerConfig
+
+from . import floor as floor_mod, hf, machine, ours, report
+from .workload import decode_prompts, poisson_stream
 
 log = logging.getLogger("loraplex.bench")
 
@@ -30,7 +31,8 @@ class Settings:
     prompt_tokens: int = 32
     new_tokens: int = 64
     repeats: int = 3
-    floor_repeats: int = 10
+    floor_repeats: int = 5
+    online_rounds: int = 2
     requests: int = 64
     rate: float = 3.0
     seed: int = 1234
@@ -39,10 +41,15 @@ class Settings:
     hf_batch: int = 16
     max_batch_size: int = 32
     kv_cache_mb: int = 512
+    wait_quiet: bool = True
+    max_foreign: float = 0.10
+    retries: int = 2
+    warmup_round: bool = True
 
 
 QUICK = dict(batches=(1, 4), new_tokens=8, repeats=1, floor_repeats=2, requests=8, rate=20.0, min_out=4,
-             max_out=12, hf_batch=4)
+             max_out=12, hf_batch=4, wait_quiet=False, online_rounds=1,
+             warmup_round=False)
 
 
 def parse_args(argv) -> tuple[Settings, argparse.Namespace]:
@@ -51,9 +58,16 @@ def parse_args(argv) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--out", help="folder for engine.json and engine.png; the report goes to <out>.md "
                                  "[default docs/benchmarks, or a temp dir with --quick]")
     p.add_argument("--batches", help="comma-separated decode batch sizes")
-    for name, kind in (("prompt_tokens", int), ("new_tokens", int), ("repeats", int), ("requests", int),
-                       ("rate", float), ("seed", int), ("hf_batch", int), ("min_out", int), ("max_out", int)):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    for name, kind, text in (("prompt_tokens", int, "decode prompt length"),
+                             ("new_tokens", int, "tokens generated per decode request"),
+                             ("repeats", int, "decode rounds (best kept)"), ("requests", int, "online requests"),
+                             ("rate", float, "online arrivals per second (Poisson)"), ("seed", int, "online seed"),
+                             ("hf_batch", int, "HF static batch size online"),
+                             ("min_out", int, "shortest online output"), ("max_out", int, "longest online output")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                       help=f"{text} [default {getattr(Settings, name)}]")
+    p.add_argument("--no-wait", dest="wait_quiet", action="store_false", default=None,
+                   help="measure at once instead of waiting for other processes to leave the CPU idle")
     p.add_argument("--model", default="", help="checkpoint directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -68,87 +82,107 @@ def parse_args(argv) -> tuple[Settings, argparse.Namespace]:
     return settings, args
 
 
-def machine_info(model: str) -> dict:
-    import bitsandbytes
-    import transformers
+def measure(fn, s: Settings):
+    """fn() after a quiet moment; run again (up to s.retries times) while other processes took more than
+    s.max_foreign of the CPU meanwhile. Returns (value, share others used) of the least disturbed run."""
+    tries, attempts = [], 1 + (s.retries if s.wait_quiet else 0)
+    while len(tries) < attempts:
+        if s.wait_quiet:
+            machine.wait_quiet()
+        probe = machine.Foreign().start()
+        value = fn()
+        tries.append((value, probe.stop()))
+        if tries[-1][1] <= s.max_foreign:
+            break
+        if len(tries) < attempts:
+            log.info("others used %.0f%% of the CPU meanwhile; measuring again", tries[-1][1] * 100)
+    return min(tries, key=lambda t: t[1])
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "model": model, "load_start": os.getloadavg()[0]}
 
+def run_decode(hf_model, tokenizer, floor, s: Settings, model: str) -> list[dict]:
+    """One warm-up round, then `repeats` rounds; the best of each measurement is kept. A round runs every
+    batch size on a fresh engine and stops it, then on HF, then measures the floors (see the doc's Method)."""
+    runs = {(kind, b): [] for kind in ("ours", "hf", "dequant", "fused") for b in s.batches}
 
-def run_decode(engine, hf_model, tokenizer, floor, s: Settings) -> list[dict]:
-    ours_all = {b: [] for b in s.batches}
-    hf_all = {b: [] for b in s.batches}
-    for rep in range(-1, s.repeats):            # rep -1 is the warm-up
+    def record(kind: str, b: int, fn, rep: int) -> None:
+        value, foreign = measure(fn, s)
+        log.info("B=%2d %-7s %-8s %7.1f tok/s (others used %.0f%% of the CPU)", b,
+                 "warm-up" if rep < 0 else f"round {rep + 1}", kind, value, foreign * 100)
+        if rep >= 0:
+            runs[kind, b].append((value, foreign))
+
+    for rep in range(-1 if s.warmup_round else 0, s.repeats):            # rep -1 is the warm-up
+        with ours.running(model, s.max_batch_size, s.kv_cache_mb) as (engine, _):
+            for b in s.batches:
+                record("ours", b, lambda: ours.decode_tokens_per_s(engine, decode_prompts(b), s.prompt_tokens,
+                                                                   s.new_tokens), rep)
         for b in s.batches:
-            prompts = decode_prompts(b)
-            o = ours.decode_tokens_per_s(engine, prompts, s.prompt_tokens, s.new_tokens)
-            h = hf.decode_tokens_per_s(hf_model, tokenizer, prompts, s.prompt_tokens, s.new_tokens)
-            log.info("decode B=%d %s: loraplex %.1f tok/s, HF %.1f tok/s", b, "warm-up" if rep < 0 else rep, o, h)
-            if rep >= 0:
-                ours_all[b].append(o)
-                hf_all[b].append(h)
-    rows = []
-    for b in s.batches:
-        dq = b / floor.step_seconds(b, fused=False, repeats=s.floor_repeats)
-        fu = b / floor.step_seconds(b, fused=True, repeats=s.floor_repeats)
-        o, h = max(ours_all[b]), max(hf_all[b])
-        log.info("floor B=%d: dequant %.1f tok/s, fused %.1f tok/s", b, dq, fu)
-        rows.append({"batch": b, "ours_tok_s": o, "hf_tok_s": h, "ratio": o / h, "ours_all": ours_all[b],
-                     "hf_all": hf_all[b], "floor_dequant_tok_s": dq, "floor_fused_tok_s": fu,
-                     "ours_vs_floor_dequant": o / dq, "ours_vs_floor_fused": o / fu})
-    return rows
+            record("hf", b, lambda: hf.decode_tokens_per_s(hf_model, tokenizer, decode_prompts(b),
+                                                           s.prompt_tokens, s.new_tokens), rep)
+        for b in s.batches:
+            for kind in ("dequant", "fused"):
+                record(kind, b, lambda: b / floor.step_seconds(b, kind == "fused", s.floor_repeats), rep)
+    return [decode_row(b, {kind: runs[kind, b] for kind in ("ours", "hf", "dequant", "fused")})
+            for b in s.batches]
 
 
-def run_online(engine, hf_model, tokenizer, s: Settings) -> dict:
+def decode_row(b: int, runs: dict[str, list]) -> dict:
+    best = {kind: max(v for v, _ in values) for kind, values in runs.items()}
+    row = {"batch": b, "ours_tok_s": best["ours"], "hf_tok_s": best["hf"], "ratio": best["ours"] / best["hf"],
+           "floor_dequant_tok_s": best["dequant"], "floor_fused_tok_s": best["fused"],
+           "ours_vs_floor_dequant": best["ours"] / best["dequant"],
+           "ours_vs_floor_fused": best["ours"] / best["fused"]}
+    for kind, values in runs.items():
+        row[f"{kind}_all"] = [v for v, _ in values]
+        row[f"{kind}_foreign_cpu"] = [f for _, f in values]
+    return row
+
+
+def run_online(hf_model, tokenizer, s: Settings, model: str) -> dict:
     stream = poisson_stream(s.requests, s.rate, s.seed, s.min_out, s.max_out)
     log.info("online: %d requests at %.2f/s, last arrival %.1f s", len(stream), s.rate, stream[-1].arrival)
-    mine = ours.online(engine, stream)
-    log.info("online loraplex: %.1f tok/s", mine["throughput_tok_s"])
-    theirs = hf.online(hf_model, tokenizer, stream, s.hf_batch)
-    log.info("online HF: %.1f tok/s", theirs["throughput_tok_s"])
+    rounds = {"ours": [], "hf": []}
+    for i in range(s.online_rounds):            # alternating; the round with the best throughput is kept
+        with ours.running(model, s.max_batch_size, s.kv_cache_mb) as (engine, _):
+            rounds["ours"].append(measure(lambda: ours.online(engine, stream), s))
+        rounds["hf"].append(measure(lambda: hf.online(hf_model, tokenizer, stream, s.hf_batch), s))
+        for peer in rounds:
+            result, foreign = rounds[peer][-1]
+            log.info("online round %d %s: %.1f tok/s (others used %.0f%% of the CPU)", i + 1, peer,
+                     result["throughput_tok_s"], foreign * 100)
+    best = {}
+    for peer, runs in rounds.items():
+        best[peer], best[peer]["foreign_cpu"] = max(runs, key=lambda run: run[0]["throughput_tok_s"])
+        best[peer]["throughput_all"] = [run[0]["throughput_tok_s"] for run in runs]
+    mine, theirs = best["ours"], best["hf"]
     lengths = [len(tokenizer.encode(r.prompt)) for r in stream]
     keys = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s")
-    return {"ours": mine, "hf": theirs, "ratios": {k.removesuffix("_s").removesuffix("_tok"): mine[k] / theirs[k]
-                                                   for k in keys},
+    return {"ours": mine, "hf": theirs,
+            "ratios": {k.removesuffix("_s").removesuffix("_tok"): mine[k] / theirs[k] for k in keys},
             "arrivals_s": [r.arrival for r in stream], "output_lens": [r.output_len for r in stream],
             "prompt_tokens": lengths, "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
             "last_arrival_s": stream[-1].arrival}
 
 
 def run(s: Settings, model: str = "") -> dict:
-    from loraplex.server.build import build_engine
-    from loraplex.server.config import ServerConfig
+    from loraplex.server.model.store import resolve_model_dir
 
     started = time.perf_counter()
-    engine, desc = build_engine(ServerConfig(model=model, max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
-                                             warmup=False))
-    machine = machine_info(desc.name)
-    hf_model, tokenizer = hf.load(desc.directory)
-    floor = floor_mod.Floor(desc.directory)
-    machine["quantized_parameters"] = floor.parameters
-    engine.start()
-    try:
-        decode = run_decode(engine, hf_model, tokenizer, floor, s)
-        online = run_online(engine, hf_model, tokenizer, s)
-    finally:
-        engine.stop()
-    machine["load_end"] = os.getloadavg()[0]
-    return {"date": datetime.date.today().isoformat(), "machine": machine, "settings": dataclasses.asdict(s),
-            "decode": decode, "floor": {"dequant_only_s": floor.dequant_only_seconds(s.floor_repeats),
-                                        "parameters": floor.parameters},
-            "online": online, "wall_s": time.perf_counter() - started,
-            "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in report.goals(
-                {"decode": decode, "online": online})]}
+    info = machine.describe()
+    directory = resolve_model_dir(model, ServerConfig(model=model).resolved_cache_dir())
+    info["model"] = directory.name
+    hf_model, tokenizer = hf.load(str(directory))
+    floor = floor_mod.Floor(str(directory))
+    info["quantized_parameters"] = floor.parameters
+    decode = run_decode(hf_model, tokenizer, floor, s, model)
+    online = run_online(hf_model, tokenizer, s, model)
+    dequant_only, _ = measure(lambda: floor.dequant_only_seconds(s.floor_repeats), s)
+    info["load_end"] = os.getloadavg()[0]
+    results = {"date": datetime.date.today().isoformat(), "machine": info, "settings": dataclasses.asdict(s),
+               "decode": decode, "floor": {"dequant_only_s": dequant_only, "parameters": floor.parameters},
+               "online": online, "wall_s": time.perf_counter() - started}
+    results["goals"] = [{"goal": g, "measured": v, "met": ok} for g, v, ok in report.goals(results)]
+    return results
 
 
 def main(argv=None) -> int:

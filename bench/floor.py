@@ -62,7 +62,9 @@ class Floor:
         from loraplex.server.model.loader import QuantSpec, quantize_linear
 
         spec = QuantSpec(blocksize=self.blocksize)
-        self.modules = [quantize_linear(w, None, torch.device("cpu"), torch.float32, spec) for w in self.dense]
+        # eval(): bitsandbytes only switches to its fused CPU kernel for modules in inference mode
+        self.modules = [quantize_linear(w, None, torch.device("cpu"), torch.float32, spec).eval()
+                        for w in self.dense]
 
     @torch.inference_mode()
     def step_seconds(self, batch: int, fused: bool, repeats: int) -> float:

@@ -36,13 +36,13 @@ def describe() -> dict:
 
 
 def _busy_seconds() -> float | None:
-    """CPU seconds all processes spent busy since boot (None where /proc/stat is missing)."""
+    """CPU seconds the machine spent busy (or stolen) since boot (None where /proc/stat is missing)."""
     try:
         fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:
         return None
-    user, nice, system, idle, iowait, irq, softirq = (int(v) for v in fields[:7])
-    return (user + nice + system + irq + softirq) / _TICK
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK   # steal: the hypervisor ran someone else
 
 
 def _own_seconds() -> float:

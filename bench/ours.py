@@ -1,6 +1,8 @@
 """Our engine under the benchmark: requests go in through Engine.add_request, token times come back
 through the sinks (called on the engine thread after each step)."""
 
+import contextlib
+import gc
 import threading
 import time
 
@@ -40,6 +42,24 @@ class Recorder:
             raise TimeoutError("the engine did not finish the benchmark requests")
         if self.errors:
             raise RuntimeError(f"engine errors: {self.errors[:3]}")
+
+
+@contextlib.contextmanager
+def running(model: str, max_batch_size: int, kv_cache_mb: int):
+    """A fresh engine, loaded on this thread (as the server does), started, warmed up with one short
+    request; stopped on exit, so its thread and that thread's OpenMP worker pool are gone afterwards."""
+    from loraplex.server.build import build_engine
+    from loraplex.server.config import ServerConfig
+
+    engine, desc = build_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb))
+    engine.start()
+    try:
+        decode_tokens_per_s(engine, ["Hello there, how are you today?"], 0, 4)
+        yield engine, desc
+    finally:
+        engine.stop()
+        del engine
+        gc.collect()
 
 
 def _request(prompt: str, new_tokens: int, truncate: int = 0) -> GenerationRequest:
