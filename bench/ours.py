@@ -46,13 +46,12 @@ class Recorder:
 
 @contextlib.contextmanager
 def running(model: str, max_batch_size: int, kv_cache_mb: int):
-    """A fresh engine, loaded on this thread (as the server does), started, warmed up with one short
+    """A fresh engine, loaded and run on its own thread (as the server does), started, warmed up with one short
     request; stopped on exit, so its thread and that thread's OpenMP worker pool are gone afterwards."""
-    from loraplex.server.build import build_engine
+    from loraplex.server.build import launch_engine
     from loraplex.server.config import ServerConfig
 
-    engine, desc = build_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb))
-    engine.start()
+    engine, desc = launch_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb))
     try:
         decode_tokens_per_s(engine, ["Hello there, how are you today?"], 0, 4)
         yield engine, desc

@@ -55,11 +55,10 @@ class Running:
 
 async def start(config: ServerConfig) -> Running:
     """Loads the model, starts listening (NOT_SERVING), warms up, then reports SERVING."""
-    from .build import build_engine
+    from .build import launch_engine
     from .rpc.server import build_server
 
-    engine, model = build_engine(config)
-    engine.start()
+    engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
     server, health, port = build_server(config, engine, model)
     await server.start()
     await health.set(False)

@@ -111,14 +111,21 @@ class Engine:
 
     # ---- loop -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        """Runs the loop on a new thread. Prefer build.launch_engine, which also builds the model there."""
+        self._thread = threading.Thread(target=self.run, name="loraplex-engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """The loop, on the calling thread, until stop()."""
+        if self._thread is None:
+            self._thread = threading.current_thread()
+        self._loop()
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
             self._wake.notify()
-        if self._thread:
+        if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _loop(self) -> None:

@@ -27,6 +27,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, batch: Batch, eos_ids: tuple[int, ...]) -> Sampled:
+        if not batch.prefill:
+            # equal context lengths side by side, so attention groups are slices; outputs follow this order
+            batch.seqs.sort(key=lambda seq: seq.num_tokens)
         input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
         logits = self.model(input_ids, ctx)
         return sample(logits, batch.seqs, eos_ids)
@@ -51,8 +54,8 @@ class ModelRunner:
         return self._tensor(ids), ctx
 
     def _prepare_decode(self, seqs: list[Sequence]):
-        lengths = [seq.num_tokens for seq in seqs]
-        width = -(-max(lengths) // self.block_size)
+        lengths = [seq.num_tokens for seq in seqs]   # ascending
+        width = -(-lengths[-1] // self.block_size)
         tables = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, seq in enumerate(seqs):
             tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table[:width])
@@ -60,16 +63,17 @@ class ModelRunner:
         rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)
         ctx = StepContext(is_prefill=False, positions=self._tensor([n - 1 for n in lengths]),
                           slot_mapping=rows[torch.arange(len(seqs)), torch.tensor(lengths) - 1].to(self.device),
-                          decode_groups=self._groups(lengths, rows),
-                          logits_index=torch.arange(len(seqs), device=self.device))
+                          gather_rows=rows[:, :lengths[-1]].flatten().to(self.device),
+                          decode_groups=_runs(lengths), logits_index=torch.arange(len(seqs), device=self.device))
         last = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
         return self._tensor(last), ctx
 
-    def _groups(self, lengths: list[int], rows: torch.Tensor):
-        """Batch rows grouped by context length, with their KV rows cut to that length."""
-        by_length: dict[int, list[int]] = {}
-        for i, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(i)
-        if len(by_length) == 1:
-            return [(None, rows[:, :lengths[0]].to(self.device))]
-        return [(self._tensor(members), rows[members, :n].to(self.device)) for n, members in by_length.items()]
+
+def _runs(sorted_lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal values in a sorted list, as (start, end, value)."""
+    runs, start = [], 0
+    for i in range(1, len(sorted_lengths) + 1):
+        if i == len(sorted_lengths) or sorted_lengths[i] != sorted_lengths[start]:
+            runs.append((start, i, sorted_lengths[start]))
+            start = i
+    return runs

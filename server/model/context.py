@@ -16,9 +16,11 @@ class StepContext:
     slot_mapping: torch.Tensor         # [num_tokens] int64, KV cache row each token's K/V is written to
     # prefill: boundaries of each sequence's tokens in the flat layout, as Python ints
     cu_seqlens: list[int] | None = None
-    # decode: sequences grouped by context length; each group is (which batch rows, their KV cache rows
-    # [group, context]). Grouping instead of padding keeps each sequence's attention bitwise the same
-    # whatever else is in the batch, so batching never changes a greedy answer.
-    decode_groups: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
+    # decode: the KV cache rows of every position of every sequence, flattened from [batch, max_context]
+    gather_rows: torch.Tensor | None = None
+    # decode: the batch is sorted by context length; each group (start, end, length) is a run of sequences
+    # with the same length. Attention runs per group over exactly that length, never padded: padding
+    # changes rounding, so a sequence's numbers would depend on what else is in the batch.
+    decode_groups: list[tuple[int, int, int]] | None = None
     # rows of the hidden states whose logits are needed (the last token of each sequence)
     logits_index: torch.Tensor | None = None   # [batch] int64

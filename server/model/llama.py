@@ -99,16 +99,18 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q, ctx: StepContext) -> torch.Tensor:
-        # q: [batch, heads, dim]; per group, K/V gathered from the paged cache: [group, kv_heads, context, dim]
-        out = torch.empty_like(q) if len(ctx.decode_groups) > 1 else None
-        for index, rows in ctx.decode_groups:
-            keys = self.k_cache[rows].transpose(1, 2)
-            values = self.v_cache[rows].transpose(1, 2)
-            q_group = q if index is None else q[index]
-            o = F.scaled_dot_product_attention(q_group[:, :, None], keys, values, enable_gqa=True)[:, :, 0]
+        # q: [batch, heads, dim]; K/V of all sequences gathered once: [batch, max_context, kv_heads, dim]
+        batch, groups = q.shape[0], ctx.decode_groups
+        keys = self.k_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
+        values = self.v_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
+        out = torch.empty_like(q) if len(groups) > 1 else None
+        for start, end, length in groups:
+            k = keys[start:end, :length].transpose(1, 2)      # [group, kv_heads, length, dim]
+            v = values[start:end, :length].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[start:end, :, None], k, v, enable_gqa=True)[:, :, 0]
             if out is None:
                 return o
-            out[index] = o
+            out[start:end] = o
         return out
 
 
