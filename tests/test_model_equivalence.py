@@ -103,3 +103,11 @@ def test_batched_decode_logprobs_match_hf(variant):
             assert abs(token.logprob - float(row[token.token_id])) < 1e-3
             top_ids = [t[0] for t in token.top_tokens]
             assert top_ids == row.topk(3).indices.tolist()
+
+
+def test_block_size_that_does_not_divide_the_width_is_refused_on_cpu(tiny_model_dir):
+    from loraplex.server.model.loader import QuantSpec
+
+    # the tiny model's hidden size is 64; bitsandbytes' CPU kernel needs whole blocks per row
+    with pytest.raises(ValueError, match="quant_blocksize 128"):
+        load_model(tiny_model_dir, torch.device("cpu"), torch.float32, QuantSpec(blocksize=128))

@@ -15,6 +15,10 @@ from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
 
+# Our packed modules and the checkpoint modules whose weights they stack, in order (along out_features).
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     blocksize: int = 64
@@ -31,6 +35,11 @@ def load_hf_config(model_dir: pathlib.Path):
 def load_model(model_dir: pathlib.Path, device: torch.device, dtype: torch.dtype,
                quant: QuantSpec | None = QuantSpec()) -> LlamaForCausalLM:
     cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+    if quant is not None and device.type == "cpu":
+        for width in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
+            if width % quant.blocksize:
+                raise ValueError(f"quant_blocksize {quant.blocksize} does not divide the layer width {width}; "
+                                 f"bitsandbytes' CPU kernels need whole blocks per row: use 64")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     weights = _read_safetensors(model_dir)
@@ -57,8 +66,13 @@ def _read_safetensors(model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 def _linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | None) -> nn.Module:
-    weight = _take(weights, name + ".weight", (module.out_features, module.in_features)).to(dtype)
-    bias = _take(weights, name + ".bias", (module.out_features,)).to(dtype) if module.bias is not None else None
+    weight, bias = _stacked(weights, name, module)
+    weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    parts = len(PACKED.get(name.rpartition(".")[2], ())) or 1
+    if quant is not None and parts > 1 and module.in_features % quant.blocksize:
+        # 4-bit blocks would straddle rows of different parts: quantize each part on its own
+        return StackedLinear([quantize_linear(w, b, device, dtype, quant)
+                              for w, b in _split(weight, bias, weights, name, module)])
     if quant is None:
         dense = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device=device, dtype=dtype)
         dense.weight.data.copy_(weight)
@@ -66,6 +80,41 @@ def _linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | 
             dense.bias.data.copy_(bias)
         return dense
     return quantize_linear(weight, bias, device, dtype, quant)
+
+
+def _stacked(weights, name: str, module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checkpoint's weight (and bias) for one of our linears, stacking the parts of a packed one.
+
+    Stacking rows before quantizing gives the same 4-bit blocks as quantizing each part alone when
+    in_features is a multiple of the block size (blocks never straddle rows), which the loader checks.
+    """
+    parent, _, leaf = name.rpartition(".")
+    parts = [f"{parent}.{p}" for p in PACKED.get(leaf, (leaf,))]
+    w = [_take(weights, p + ".weight", (None, module.in_features)) for p in parts]
+    b = [_take(weights, p + ".bias", (t.shape[0],)) for p, t in zip(parts, w)] if module.bias is not None else None
+    weight = torch.cat(w) if len(w) > 1 else w[0]
+    if weight.shape[0] != module.out_features:
+        raise ValueError(f"checkpoint {', '.join(parts)} stack to {weight.shape[0]} rows, expected {module.out_features}")
+    return weight, (torch.cat(b) if b and len(b) > 1 else (b[0] if b else None))
+
+
+class StackedLinear(nn.Module):
+    """Several linears over the same input whose outputs are concatenated: a packed module whose parts
+    could not be quantized as one."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _split(weight, bias, weights, name, module):
+    parent, _, leaf = name.rpartition(".")
+    sizes = [weights[f"{parent}.{p}.weight"].shape[0] for p in PACKED[leaf]]
+    biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+    return list(zip(weight.split(sizes), biases))
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dtype, quant: QuantSpec) -> nn.Module:
@@ -89,7 +138,7 @@ def _take(weights: dict, key: str, shape: tuple) -> torch.Tensor:
     if key not in weights:
         raise ValueError(f"checkpoint lacks {key}")
     tensor = weights[key]
-    if tuple(tensor.shape) != tuple(shape):
+    if len(tensor.shape) != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
         raise ValueError(f"checkpoint {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
     return tensor
 
