@@ -10,6 +10,7 @@ from loraplex.server.build import build_engine
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.request import GenerationRequest, ResponseOptions, StoppingParams
 from loraplex.server.model.context import StepContext
+from loraplex.server.model.lm_head import OutputHead
 from loraplex.server.model.loader import load_model
 from servers import make_tiny_model
 
@@ -56,7 +57,7 @@ def test_prefill_logits_match_hf(variant):
     n = len(ids)
     ctx = StepContext(True, torch.arange(n), torch.arange(n), cu_seqlens=[0, n], logits_index=torch.arange(n))
     with torch.inference_mode():
-        got = ours(ids, ctx)
+        got = OutputHead(ours.lm_head.weight).logits(ours(ids, ctx))
         want = hf(ids[None]).logits[0].float()
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
 

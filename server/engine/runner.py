@@ -6,7 +6,8 @@ import torch
 from ..model.context import StepContext
 from ..model.llama import LlamaForCausalLM
 from . import kv_cache
-from .sampler import Sampled, sample
+from ..model.lm_head import OutputHead
+from .sampler import Sampled, pick
 from .scheduler import Batch
 from .sequence import Sequence
 
@@ -16,6 +17,7 @@ class ModelRunner:
                  kv_cache_mb: int, block_size: int):
         cfg = model.config
         self.model = model
+        self.head = OutputHead(model.lm_head.weight)
         self.device = device
         self.block_size = block_size
         per_token = kv_cache.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
@@ -31,8 +33,8 @@ class ModelRunner:
             # equal context lengths side by side, so attention groups are slices; outputs follow this order
             batch.seqs.sort(key=lambda seq: seq.num_tokens)
         input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
-        logits = self.model(input_ids, ctx)
-        return sample(logits, batch.seqs, eos_ids)
+        hidden = self.model(input_ids, ctx)
+        return pick(self.head, hidden, batch.seqs, eos_ids)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.lm_head import OutputHead
 from .sequence import Sequence
 
 
@@ -17,6 +18,35 @@ class Sampled:
     token_ids: list[int]
     logprobs: list[float] | None = None                          # per sequence, of the chosen token
     top: list[list[tuple[int, float]]] | None = None             # per sequence, the n most likely
+
+
+def pick(head: OutputHead, hidden: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
+    """Next tokens for a batch from its final hidden states [batch, hidden]: rows that only need the
+    greedy choice take the output head's exact screened argmax; the others get full float32 logits."""
+    plain = [i for i, seq in enumerate(seqs) if not _needs_distribution(seq)]
+    full = [i for i, seq in enumerate(seqs) if _needs_distribution(seq)]
+    tokens, logprobs, top = [0] * len(seqs), [0.0] * len(seqs), [[] for _ in seqs]
+    if plain:
+        banned = [eos_ids if _eos_banned(seqs[i]) else () for i in plain]
+        for i, token in zip(plain, head.greedy(hidden[plain], banned)):
+            tokens[i] = token
+    if full:
+        sampled = sample(head.logits(hidden[full]), [seqs[i] for i in full], eos_ids)
+        for j, i in enumerate(full):
+            tokens[i] = sampled.token_ids[j]
+            if sampled.logprobs is not None:
+                logprobs[i], top[i] = sampled.logprobs[j], sampled.top[j]
+    return Sampled(tokens, logprobs, top)
+
+
+def _needs_distribution(seq: Sequence) -> bool:
+    request = seq.request
+    return (not request.sampling.greedy or request.sampling.repetition_penalty != 1.0
+            or request.response.token_logprobs or request.response.top_n_tokens > 0)
+
+
+def _eos_banned(seq: Sequence) -> bool:
+    return len(seq.output_ids) < seq.request.stopping.min_new_tokens
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
@@ -44,7 +74,7 @@ def _penalize(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> Non
         seen = torch.tensor(sorted(set(seq.all_ids())), dtype=torch.long)
         values = row[seen]
         row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if len(seq.output_ids) < seq.request.stopping.min_new_tokens and eos_ids:
+    if _eos_banned(seq) and eos_ids:
         row[list(eos_ids)] = float("-inf")
 
 

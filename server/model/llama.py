@@ -159,10 +159,10 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(cfg)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """input_ids: [num_tokens] -> logits [len(ctx.logits_index), vocab] in float32."""
+        """input_ids: [num_tokens] -> final hidden states [len(ctx.logits_index), hidden] of the rows whose
+        next token is wanted; the output head (lm_head.py) turns them into logits."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(ctx.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, ctx)
-        x = self.model.norm(x[ctx.logits_index])
-        return self.lm_head(x).float()
+        return self.model.norm(x[ctx.logits_index])
