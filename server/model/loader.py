@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import nf4_cpu
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
@@ -131,7 +132,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dty
                                      quant_storage=torch.uint8, module=layer)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
-    return layer.to(device)   # moving to the device quantizes the weight
+    layer = layer.to(device)   # moving to the device quantizes the weight
+    return nf4_cpu.FusedNF4Linear(layer) if nf4_cpu.available(layer) else layer
 
 
 def _take(weights: dict, key: str, shape: tuple) -> torch.Tensor:
