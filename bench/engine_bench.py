@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -82,6 +83,27 @@ def parse_args(argv) -> tuple[Settings, argparse.Namespace]:
     return settings, args
 
 
+def isolated(fn):
+    """fn() on a short-lived thread. torch's OpenMP runtime keeps a worker pool per thread that has run
+    parallel work and slows every pool once they outnumber the cores; a thread that ends takes its pool
+    with it. So the main thread never runs torch work, and each peer runs with exactly one pool, as the
+    server's engine thread does."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:   # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def measure(fn, s: Settings):
     """fn() after a quiet moment; run again (up to s.retries times) while other processes took more than
     s.max_foreign of the CPU meanwhile. Returns (value, share others used) of the least disturbed run."""
@@ -90,7 +112,7 @@ def measure(fn, s: Settings):
         if s.wait_quiet:
             machine.wait_quiet()
         probe = machine.Foreign().start()
-        value = fn()
+        value = isolated(fn)
         tries.append((value, probe.stop()))
         if tries[-1][1] <= s.max_foreign:
             break
@@ -171,8 +193,8 @@ def run(s: Settings, model: str = "") -> dict:
     info = machine.describe()
     directory = resolve_model_dir(model, ServerConfig(model=model).resolved_cache_dir())
     info["model"] = directory.name
-    hf_model, tokenizer = hf.load(str(directory))
-    floor = floor_mod.Floor(str(directory))
+    hf_model, tokenizer = isolated(lambda: hf.load(str(directory)))
+    floor = isolated(lambda: floor_mod.Floor(str(directory)))
     info["quantized_parameters"] = floor.parameters
     decode = run_decode(hf_model, tokenizer, floor, s, model)
     online = run_online(hf_model, tokenizer, s, model)

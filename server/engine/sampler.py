@@ -50,7 +50,9 @@ def _eos_banned(seq: Sequence) -> bool:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
-    """logits: [batch, vocab] float32, row i for seqs[i]; modified in place."""
+    """logits: [batch, vocab] float32, row i for seqs[i]; modified in place. Sampling runs on the CPU,
+    where each sequence's seeded generator lives (so a seed gives the same tokens on any device)."""
+    logits = logits.cpu()
     for i, seq in enumerate(seqs):
         _penalize(logits[i], seq, eos_ids)
     greedy = logits.argmax(dim=-1).tolist()
