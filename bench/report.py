@@ -46,7 +46,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _met(ok: bool) -> str:
+def _met(ok: bool | None) -> str:
+    if ok is None:
+        return "(no goal; for information)"
     return "met" if ok else "**not met**"
 
 
@@ -56,10 +58,14 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
     online = results["online"]["ratios"]["throughput"]
     found = [(f"decode ≥ {GOAL_DECODE_RATIO}× HF at batch {b}", f"{rows[b]['ratio']:.2f}×",
               rows[b]["ratio"] >= GOAL_DECODE_RATIO)]
-    for key, name in (("ours_vs_floor_fused", "fused floor"), ("ours_vs_floor_dequant", "dequant floor")):
+    # the goal's floor is the dequantize-then-matmul one; the fused-kernel floor is stricter, shown beside it
+    for key, name, is_goal in (("ours_vs_floor_dequant", "dequant floor", True),
+                               ("ours_vs_floor_fused", "fused floor", False)):
         fractions = [r[key] for r in rows.values()]
-        found.append((f"decode ≥ {GOAL_FLOOR_FRACTION} of the {name} (every batch)",
-                      f"{min(fractions):.2f} – {max(fractions):.2f}", min(fractions) >= GOAL_FLOOR_FRACTION))
+        met = min(fractions) >= GOAL_FLOOR_FRACTION if is_goal else None
+        label = f"decode ≥ {GOAL_FLOOR_FRACTION} of the {name} (every batch)" if is_goal else \
+            f"decode as a fraction of the {name} (every batch)"
+        found.append((label, f"{min(fractions):.2f} – {max(fractions):.2f}", met))
     found.append((f"online throughput ≥ {GOAL_ONLINE_RATIO}× HF", f"{online:.2f}×", online >= GOAL_ONLINE_RATIO))
     return found
 
@@ -143,6 +149,13 @@ def online_section(results: dict) -> list[str]:
         f"[{s['min_out']}, {s['max_out']}] ({o['ours']['output_tokens']} output tokens in all). "
         f"HF runs static batches of {s['hf_batch']} and generates "
         f"{o['hf']['wasted_tokens']} extra tokens past requests' own lengths (not counted).",
+        "",
+        f"The rate is chosen so that both peers are saturated: the offered load, {s['rate']:g} requests/s × "
+        f"{(s['min_out'] + s['max_out']) / 2:.0f} tokens on average ≈ "
+        f"{s['rate'] * (s['min_out'] + s['max_out']) / 2:.0f} tok/s, is above what either can generate, so "
+        "throughput measures capacity. At a rate below a peer's capacity its throughput is just the offered "
+        "load, which caps the ratio (at 3 requests/s, ≈ 200 tok/s offered, loraplex's throughput is that "
+        "rate: `loraplex bench --rate 3` shows it).",
         "",
         "| metric | loraplex | HF | loraplex / HF |",
         "|---|---:|---:|---:|",
