@@ -1,0 +1,124 @@
+"""Device slots: a fixed number of places for adapters next to the model, preallocated at start-up.
+
+`SlotTable` is the bookkeeping (pure, no tensors): which adapter version sits in which slot, how many
+running requests use it, which are pinned, and which slot to reuse (least recently used among the
+unused). `SlotBuffers` holds the tensors: per target module one stacked A and one stacked B buffer over
+all layers and slots; putting an adapter in a slot is a copy into its rows, so nothing is allocated
+while serving.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .canonical import Adapter
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot holds an adapter that running requests use (or that is pinned)."""
+
+
+@dataclass
+class _Entry:
+    slot: int
+    refs: int = 0
+    pinned: bool = False
+
+
+class SlotTable:
+    """Keys are whatever identifies one adapter version, e.g. (adapter_id, version)."""
+
+    def __init__(self, num_slots: int):
+        if num_slots <= 0:
+            raise ValueError("num_slots must be positive")
+        self.num_slots = num_slots
+        self._entries: OrderedDict[object, _Entry] = OrderedDict()   # least recently used first
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def slot_of(self, key) -> int | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.slot
+
+    def acquire(self, key) -> tuple[int, object | None, bool]:
+        """A slot for key, with one more reference: (slot, key evicted to make room or None, whether the
+        slot must be written). Raises NoFreeSlot when every slot is in use or pinned."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            entry.refs += 1
+            return entry.slot, None, False
+        evicted = None
+        if not self._free:
+            evicted = self._victim()
+            self._free.append(self._entries.pop(evicted).slot)
+        self._entries[key] = _Entry(self._free.pop(), refs=1)
+        return self._entries[key].slot, evicted, True
+
+    def release(self, key) -> None:
+        entry = self._entries[key]
+        if entry.refs <= 0:
+            raise ValueError(f"{key!r} has no reference to release")
+        entry.refs -= 1
+
+    def pin(self, key, pinned: bool = True) -> None:
+        self._entries[key].pinned = pinned
+
+    def remove(self, key) -> int:
+        """Frees key's slot; refused while requests use it."""
+        entry = self._entries[key]
+        if entry.refs:
+            raise ValueError(f"{key!r} is used by {entry.refs} running request(s)")
+        del self._entries[key]
+        self._free.append(entry.slot)
+        return entry.slot
+
+    def refs(self, key) -> int:
+        return self._entries[key].refs
+
+    @property
+    def used(self) -> int:
+        return len(self._entries)
+
+    def _victim(self):
+        for key, entry in self._entries.items():
+            if not entry.refs and not entry.pinned:
+                return key
+        raise NoFreeSlot(f"all {self.num_slots} adapter slots are in use by running requests or pinned")
+
+
+class SlotBuffers:
+    """a[target]: [num_layers, num_slots, max_rank, in]; b[target]: [num_layers, num_slots, out, max_rank];
+    ranks[target]: [num_layers, num_slots] (0 = the adapter does not touch that module)."""
+
+    def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
+                 dtype: torch.dtype, device: torch.device):
+        self.max_rank = max_rank
+        self.a = {t: torch.zeros(num_layers, num_slots, max_rank, i, dtype=dtype, device=device)
+                  for t, (i, _) in shapes.items()}
+        self.b = {t: torch.zeros(num_layers, num_slots, o, max_rank, dtype=dtype, device=device)
+                  for t, (_, o) in shapes.items()}
+        self.ranks = {t: torch.zeros(num_layers, num_slots, dtype=torch.long) for t in shapes}
+
+    def write(self, slot: int, adapter: Adapter) -> None:
+        """Copies the adapter into the slot; modules it lacks get rank 0 (and zeros)."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter {adapter.adapter_id!r} has rank {adapter.rank}, slots hold {self.max_rank}")
+        self.clear(slot)
+        for (layer, target), module in adapter.modules.items():
+            r = module.rank
+            self.a[target][layer, slot, :r].copy_(module.a)
+            self.b[target][layer, slot, :, :r].copy_(module.b)
+            self.ranks[target][layer, slot] = r
+
+    def clear(self, slot: int) -> None:
+        for target in self.a:
+            self.a[target][:, slot].zero_()
+            self.b[target][:, slot].zero_()
+            self.ranks[target][:, slot] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
