@@ -1,0 +1,178 @@
+"""Segmented LoRA ops: the one facade the LoRA layers call (shrink to rank r, then expand back).
+
+A step's tokens are split into `Segments` (see `segments.py`): runs of consecutive tokens on one adapter
+slot. Per layer the adapters live in preallocated stacked buffers, one row per device slot:
+`a_stack [num_slots, max_rank, in]` and `b_stack [num_slots, out, max_rank]` (alpha/r already folded into B).
+A slot's live rank `ranks[s]` may be below `max_rank`; rows/columns beyond it are unused and may hold stale
+finite values, so no implementation reads them into a result.
+
+Two torch implementations, picked per call by `choose` (callers never pick):
+- "loop":   one matmul per segment with that slot's own rank; no padding at all.
+- "gather": gather per-token A/B (padded only to the largest rank among the slots present in the step,
+            masked to each token's rank), then one batched matmul. Wins when there are many tiny segments.
+
+Measurement behind `choose`: one shrink + expand, best of 10-15 runs, microseconds, on a 2-core AMD EPYC
+CPU, torch 2.13 CPU build (shared machine, so single numbers are noisy; the crossovers were stable).
+Segments of `tok/seg` tokens each on distinct slots.
+
+  hidden 576, ranks {8,16}   float32 loop / gather     bfloat16 loop / gather
+  segs x tok/seg
+    1 x 1                        18 /   154                92 /   330
+    1 x 32                       65 /  1078                96 /   613
+    4 x 1                        83 /   232               312 /   307
+   16 x 1                       328 /   478              1048 /   448
+   16 x 2                         -                      1297 /   595
+   16 x 8                         -                      1320 /  1474
+   32 x 1                       637 /   651                 -
+   64 x 1                      1297 /  1108              4913 /   877
+   64 x 2                      2121 /  2091              5440 /  1638
+   64 x 32                     4409 / 69435              6253 / 34734
+  128 x 1                      2770 /  2019             12754 /  1670
+  hidden 2048, rank 64 (1 token per segment)
+   16 x 1                      1098 / 10982              1058 /  1518
+   64 x 1                      4610 / 83680              5024 /  6003
+  256 x 1                     18224 /131889             20839 / 62894
+
+Reading: per-segment matmuls cost ~20 us (float32) / ~80 us (bfloat16, small-M bf16 matmul on CPU is slow)
+each, while gather pays for copying num_tokens * rank * features weight elements. Hence: gather only for
+short segments (<= 2 tokens, i.e. decode) whose gathered weights stay under ~1.5M elements, and only from
+64 segments (float32) / 16 segments (bfloat16). Measured on CPU only; a GPU needs its own table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.adapters.segments import Segments
+
+Ranks = list[int] | torch.Tensor  # per-slot live rank: python ints or LongTensor [num_slots]
+
+# Rule constants, from the table above.
+GATHER_MIN_SEGMENTS = {torch.float32: 64, torch.bfloat16: 16}
+GATHER_MAX_TOKENS_PER_SEGMENT = 2
+GATHER_MAX_ELEMS = 1_500_000
+
+
+def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype) -> str:
+    """"gather" for many tiny segments whose gathered weights stay small, else "loop".
+
+    weight_elems: elements of one slot's matrix as the op reads it (present max rank * features); the
+    gather path copies num_tokens of them.
+    """
+    if num_segments < GATHER_MIN_SEGMENTS.get(dtype, GATHER_MIN_SEGMENTS[torch.float32]):
+        return "loop"
+    if num_tokens > GATHER_MAX_TOKENS_PER_SEGMENT * num_segments:
+        return "loop"
+    return "gather" if num_tokens * weight_elems <= GATHER_MAX_ELEMS else "loop"
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, ranks: Ranks,
+                out: torch.Tensor) -> torch.Tensor:
+    """Semantics: out[s_i:e_i, :r] = x[s_i:e_i] @ a_stack[slot_i, :r].T with r = ranks[slot_i], per segment i.
+
+    x:       [num_tokens, in], float32 or bfloat16.
+    a_stack: [num_slots, max_rank, in], same dtype as x.
+    ranks:   list[int] or LongTensor [num_slots], each slot's live rank (<= max_rank).
+    out:     [num_tokens, max_rank], x's dtype; WRITTEN IN PLACE, only the adapter rows and only the
+             first ranks[slot] columns of each; base-only rows are untouched. Returned for chaining.
+    """
+    ranks = _as_list(ranks)
+    if not len(segments):
+        return out
+    elems = _present_rank(segments, ranks) * x.shape[1]
+    impl = choose(segments.num_adapter_tokens, len(segments), elems, x.dtype)
+    return (shrink_gather if impl == "gather" else shrink_loop)(x, a_stack, segments, ranks, out)
+
+
+def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, ranks: Ranks, out: torch.Tensor,
+                out_slice: tuple[int, int] | None = None) -> torch.Tensor:
+    """Semantics: out[s_i:e_i, o:o+n] += y[s_i:e_i, :r] @ b_stack[slot_i, :, :r].T with r = ranks[slot_i].
+
+    y:         [num_tokens, max_rank] (from lora_shrink), same dtype as b_stack.
+    b_stack:   [num_slots, n, max_rank], alpha/r folded in.
+    ranks:     list[int] or LongTensor [num_slots].
+    out:       [num_tokens, out_features], y's dtype; WRITTEN IN PLACE by addition, adapter rows only.
+    out_slice: (o, n) to add into columns o:o+n of a packed output (q|k|v); default all n = out_features.
+    """
+    ranks = _as_list(ranks)
+    if not len(segments):
+        return out
+    target = out if out_slice is None else out[:, out_slice[0]:out_slice[0] + out_slice[1]]
+    elems = _present_rank(segments, ranks) * b_stack.shape[1]
+    impl = choose(segments.num_adapter_tokens, len(segments), elems, y.dtype)
+    (expand_gather if impl == "gather" else expand_loop)(y, b_stack, segments, ranks, target)
+    return out
+
+
+def shrink_loop(x, a_stack, segments: Segments, ranks: list[int], out):
+    """Segment loop: each segment multiplies by its own slot's rank rows only (no padding)."""
+    for start, end, slot in zip(segments.starts, segments.ends, segments.slots):
+        r = ranks[slot]
+        out[start:end, :r] = x[start:end] @ a_stack[slot, :r].T  # [len, r]
+    return out
+
+
+def expand_loop(y, b_stack, segments: Segments, ranks: list[int], out):
+    """Segment loop; `out` is the (possibly column-sliced) target view."""
+    for start, end, slot in zip(segments.starts, segments.ends, segments.slots):
+        r = ranks[slot]
+        out[start:end] += y[start:end, :r] @ b_stack[slot, :, :r].T  # [len, n]
+    return out
+
+
+def shrink_gather(x, a_stack, segments: Segments, ranks: list[int], out):
+    """Per-token gather of A padded to the largest present rank, one bmm, masked write-back."""
+    rows, tok_slots, live = _adapter_tokens(segments, ranks, x.device)
+    r = _present_rank(segments, ranks)
+    a = a_stack[tok_slots, :r]  # [n, r, in]
+    y = torch.bmm(a, x[rows].unsqueeze(-1)).squeeze(-1)  # [n, r]
+    # Columns at or past a token's own rank keep their old value (the op writes only :ranks[slot]).
+    out[rows, :r] = torch.where(live[:, :r], y, out[rows, :r])
+    return out
+
+
+def expand_gather(y, b_stack, segments: Segments, ranks: list[int], out):
+    """Per-token gather of B padded to the largest present rank; y is zero-masked past each token's rank,
+    so stale (finite) columns of y or B add exactly zero."""
+    rows, tok_slots, live = _adapter_tokens(segments, ranks, y.device)
+    r = _present_rank(segments, ranks)
+    b = b_stack[tok_slots, :, :r]  # [n, out, r]
+    y_live = torch.where(live[:, :r], y[rows, :r], torch.zeros((), dtype=y.dtype, device=y.device))
+    out[rows] += torch.bmm(b, y_live.unsqueeze(-1)).squeeze(-1)  # [n, out]
+    return out
+
+
+def reference_lora(x: torch.Tensor, a_list: list[torch.Tensor], b_list: list[torch.Tensor],
+                   token_adapter: list[int]) -> torch.Tensor:
+    """Test oracle: delta[t] = (x[t] @ A_k.T) @ B_k.T with k = token_adapter[t] (-1: zero), in float32.
+
+    x: [num_tokens, in]; a_list[k]: [r_k, in]; b_list[k]: [out, r_k] (scale folded).
+    Returns the delta [num_tokens, out] in float32 (callers round to their dtype).
+    """
+    out_features = b_list[0].shape[0] if b_list else 0
+    delta = torch.zeros(x.shape[0], out_features, dtype=torch.float32)
+    for t, k in enumerate(token_adapter):
+        if k >= 0:
+            a, b = a_list[k].float(), b_list[k].float()
+            delta[t] = (x[t].float() @ a.T) @ b.T
+    return delta
+
+
+def _as_list(ranks: Ranks) -> list[int]:
+    # One host copy per op call; the loop needs python ints for slicing anyway.
+    return ranks.tolist() if isinstance(ranks, torch.Tensor) else list(ranks)
+
+
+def _present_rank(segments: Segments, ranks: list[int]) -> int:
+    """Largest rank among the slots present in this step (the gather path pads only to this)."""
+    return max((ranks[s] for s in set(segments.slots)), default=0)
+
+
+def _adapter_tokens(segments: Segments, ranks: list[int], device):
+    """(rows [n] token indices with an adapter, their slots [n], live mask [n, max_rank] of rank columns)."""
+    token_slots = segments.token_slots.to(device)
+    rows = torch.nonzero(token_slots >= 0).squeeze(1)
+    tok_slots = token_slots[rows]
+    tok_rank = torch.tensor(ranks, dtype=torch.long, device=device)[tok_slots]  # [n]
+    cols = torch.arange(max(ranks, default=0), device=device)
+    return rows, tok_slots, cols[None, :] < tok_rank[:, None]

@@ -1,0 +1,76 @@
+"""LoRA segments of one step: runs of consecutive tokens that share an adapter slot.
+
+Computed once per step by the model runner (from the batch's per-sequence slot ids and token counts) and
+only read by the LoRA layers. Segments follow token order; sequences are not reordered, so two sequences on
+the same slot form one segment only when they are adjacent. Slot -1 means "no adapter" (base model only);
+such runs are left out of the segment lists and marked -1 in the per-token tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BASE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Adapter segments of one step. Token ranges are half-open: tokens [starts[i], ends[i]) use slots[i]."""
+
+    starts: list[int]
+    ends: list[int]
+    slots: list[int]
+    # [num_tokens] int64, slot id per token, -1 for base tokens; drives the gather path.
+    token_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_slots.numel())
+
+    @property
+    def num_adapter_tokens(self) -> int:
+        return sum(e - s for s, e in zip(self.starts, self.ends))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+def segment_runs(seq_slots: list[int], seq_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """(starts, ends, slots) of the adapter runs; equal adjacent slots merge, base runs are dropped."""
+    _validate(seq_slots, seq_lens)
+    starts: list[int] = []
+    ends: list[int] = []
+    slots: list[int] = []
+    pos = 0
+    for slot, length in zip(seq_slots, seq_lens):
+        if length and slot != BASE_SLOT:
+            if slots and slots[-1] == slot and ends[-1] == pos:
+                ends[-1] = pos + length  # adjacent run on the same slot: extend it
+            else:
+                starts.append(pos)
+                ends.append(pos + length)
+                slots.append(slot)
+        pos += length
+    return starts, ends, slots
+
+
+def compute_segments(seq_slots: list[int], seq_lens: list[int], device: torch.device | str = "cpu") -> Segments:
+    """Segments of a step: seq_slots[i] is sequence i's slot (-1 = base), seq_lens[i] its token count
+    (prefill: prompt length; decode: 1)."""
+    starts, ends, slots = segment_runs(seq_slots, seq_lens)
+    # Built on the host then copied once: one small transfer per step, not per layer.
+    token_slots = torch.repeat_interleave(
+        torch.tensor(seq_slots, dtype=torch.long), torch.tensor(seq_lens, dtype=torch.long)
+    )
+    return Segments(starts, ends, slots, token_slots.to(device))
+
+
+def _validate(seq_slots: list[int], seq_lens: list[int]) -> None:
+    if len(seq_slots) != len(seq_lens):
+        raise ValueError(f"{len(seq_slots)} slot ids for {len(seq_lens)} sequence lengths")
+    if any(n < 0 for n in seq_lens):
+        raise ValueError(f"sequence lengths must be >= 0, got {seq_lens}")
+    if any(s < BASE_SLOT for s in seq_slots):
+        raise ValueError(f"slot ids must be >= -1, got {seq_slots}")
