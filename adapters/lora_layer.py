@@ -1,0 +1,55 @@
+"""LoRA around any base linear: the base layer computes as it always does (4-bit or not, it knows nothing
+of adapters), then each token's adapter delta is added through the segmented ops.
+
+All LoRA layers of a model share one `LoraStep`, which the model runner refreshes once per step (the
+segments of the batch and each slot's ranks); layers only read it. A packed base layer (q|k|v, gate|up)
+carries one target per output slice.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .segments import Segments
+from .slots import SlotBuffers
+
+
+@dataclass
+class LoraStep:
+    """Per-step LoRA metadata; segments None = no adapter in this step."""
+    buffers: SlotBuffers
+    segments: Segments | None = None
+    # ranks[target][layer] -> per-slot live ranks (python ints), read from the buffers once per step
+    ranks: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def set(self, segments: Segments | None) -> None:
+        self.segments = segments if segments is not None and len(segments) else None
+        if self.segments is not None:
+            self.ranks = {t: r.tolist() for t, r in self.buffers.ranks.items()}
+
+
+class LoraLinear(nn.Module):
+    """targets: (target name, output offset, output size) per packed slice of the base's output."""
+
+    def __init__(self, base: nn.Module, layer: int, targets: list[tuple[str, int, int]], step: LoraStep):
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.targets = targets
+        self.step = step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)                                   # [num_tokens, out_features]
+        segments = self.step.segments
+        if segments is None:
+            return out
+        buffers, layer = self.step.buffers, self.layer
+        shrunk = x.new_zeros(x.shape[0], buffers.max_rank)   # [num_tokens, max_rank], rows of base tokens stay 0
+        for target, offset, size in self.targets:
+            ranks = self.step.ranks[target][layer]
+            a, b = buffers.a[target][layer].to(x.dtype), buffers.b[target][layer].to(x.dtype)
+            ops.lora_shrink(x, a, segments, ranks, shrunk)
+            ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
+        return out
