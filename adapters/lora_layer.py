@@ -53,3 +53,22 @@ class LoraLinear(nn.Module):
             ops.lora_shrink(x, a, segments, ranks, shrunk)
             ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
         return out
+
+
+# Our packed modules and the adapter targets in their output slices, in order.
+PACKED_TARGETS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+                  "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
+def attach_lora(model: nn.Module, step: LoraStep, out_features) -> None:
+    """Wraps every targetable linear of every decoder layer in a LoraLinear sharing `step`.
+    out_features(target) gives each target's output size (its slice of a packed output)."""
+    for index, layer in enumerate(model.model.layers):
+        for path, targets in PACKED_TARGETS.items():
+            parent_name, _, leaf = path.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            slices, offset = [], 0
+            for target in targets:
+                slices.append((target, offset, out_features(target)))
+                offset += out_features(target)
+            setattr(parent, leaf, LoraLinear(getattr(parent, leaf), index, slices, step))

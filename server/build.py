@@ -60,17 +60,39 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config
     window = min(config.max_sequence_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size)
+    registry, lora_step = _adapters(config, model, device, dtype)
+    runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size, lora_step)
     blocks = BlockManager(runner.num_blocks, config.kv_block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens), tuple(sorted(eos)))
+    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens), tuple(sorted(eos)),
+                    registry)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
                                    "nf4", window, cfg.vocab_size)
     return engine, description
+
+
+def _adapters(config: ServerConfig, model, device, dtype):
+    """The adapter registry and the LoRA layers' shared step state, or (None, None) with no roots."""
+    roots = config.adapter_root_paths()
+    if not roots:
+        return None, None
+    from ..adapters.canonical import TARGETS
+    from ..adapters.lora_layer import LoraStep, attach_lora
+    from ..adapters.peft_lora import in_out_features
+    from ..adapters.registry import AdapterRegistry
+    from ..adapters.slots import SlotBuffers
+
+    shapes = {t: in_out_features(model.config, t) for t in TARGETS}
+    buffers = SlotBuffers(config.adapter_slots, config.max_lora_rank, model.config.num_layers, shapes, dtype, device)
+    step = LoraStep(buffers)
+    attach_lora(model, step, lambda target: shapes[target][1])
+    registry = AdapterRegistry([pathlib.Path(r) for r in roots], model.config, buffers, config.adapter_slots,
+                               config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype)
+    return registry, step
 
 
 def launch_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:

@@ -31,6 +31,11 @@ class ServerConfig:
     max_sequence_length: int = _opt(0, "prompt + generated tokens per request; 0 = the model's context window")
     max_new_tokens: int = _opt(1024, "upper limit a request may ask for")
     default_max_new_tokens: int = _opt(64, "used when a request leaves max_new_tokens unset")
+    adapter_roots: str = _opt("", "directories holding LoRA adapters (PEFT format), separated by ':'; "
+                                  "empty = adapters off")
+    max_lora_rank: int = _opt(64, "largest adapter rank accepted")
+    adapter_slots: int = _opt(8, "adapters held on the device at once")
+    adapter_host_cache_mb: int = _opt(1024, "host memory for adapters read from disk, in MiB")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")
@@ -39,7 +44,8 @@ class ServerConfig:
 
     def __post_init__(self):
         positive = ["quant_blocksize", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
-                    "max_queue_size", "max_new_tokens", "default_max_new_tokens", "grpc_workers"]
+                    "max_queue_size", "max_new_tokens", "default_max_new_tokens", "grpc_workers",
+                    "max_lora_rank", "adapter_slots", "adapter_host_cache_mb"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -54,6 +60,9 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+
+    def adapter_root_paths(self) -> list[str]:
+        return [p for p in self.adapter_roots.split(":") if p]
 
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:

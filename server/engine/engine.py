@@ -42,12 +42,13 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, limits: EngineLimits,
-                 eos_ids: tuple[int, ...]):
+                 eos_ids: tuple[int, ...], registry=None):
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos_ids = eos_ids
+        self.registry = registry      # adapters; None = adapters off
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
@@ -57,16 +58,27 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
-        if request.adapter_id:
-            raise NotFoundError(f"adapter {request.adapter_id!r} not found")
+        if request.adapter_id and self.registry is None:
+            raise NotFoundError(f"adapter {request.adapter_id!r} not found (this server has no adapter roots)")
         seq = self._new_sequence(request, sink)
-        with self._lock:
-            if request.request_id in self._by_id:
-                raise InvalidArgumentError("request_id", f"{request.request_id!r} is already running")
-            self.scheduler.add(seq)
-            self._by_id[request.request_id] = seq
-            self._wake.notify()
+        if request.adapter_id:
+            seq.slot = self.registry.acquire(request.adapter_id)   # may read it from disk, off the decode loop
+        try:
+            with self._lock:
+                if request.request_id in self._by_id:
+                    raise InvalidArgumentError("request_id", f"{request.request_id!r} is already running")
+                self.scheduler.add(seq)
+                self._by_id[request.request_id] = seq
+                self._wake.notify()
+        except Exception:
+            self._release_adapter(seq)
+            raise
         return seq
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self.registry.release(seq.request.adapter_id)
+            seq.slot = -1
 
     def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
@@ -211,6 +223,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: StopReason) -> None:
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
+        self._release_adapter(seq)
         seq.stop_reason = reason
 
 

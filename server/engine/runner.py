@@ -3,6 +3,7 @@ Never touches a queue; the scheduler and engine decide what runs."""
 
 import torch
 
+from ...adapters.segments import compute_segments
 from ..model.context import StepContext
 from ..model.llama import LlamaForCausalLM
 from . import kv_cache
@@ -14,9 +15,10 @@ from .sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
-                 kv_cache_mb: int, block_size: int):
+                 kv_cache_mb: int, block_size: int, lora_step=None):
         cfg = model.config
         self.model = model
+        self.lora_step = lora_step       # shared with the LoRA layers; None = adapters off
         self.head = OutputHead(model.lm_head.weight)
         self.device = device
         self.block_size = block_size
@@ -33,6 +35,9 @@ class ModelRunner:
             # equal context lengths side by side, so attention groups are slices; outputs follow this order
             batch.seqs.sort(key=lambda seq: seq.num_tokens)
         input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
+        if self.lora_step is not None:
+            lengths = [seq.num_tokens if batch.prefill else 1 for seq in batch.seqs]
+            self.lora_step.set(compute_segments([seq.slot for seq in batch.seqs], lengths, self.device))
         hidden = self.model(input_ids, ctx)
         return pick(self.head, hidden, batch.seqs, eos_ids)
 

@@ -72,7 +72,8 @@ class Sequence:
         self.first_token_time: float | None = None
         self.pending_tokens: list[TokenInfo] = []
         self.aborted = False
-        self.in_step = False           # inside the step the model is running now
+        self.in_step = False
+        self.slot = -1                 # device slot of the request's adapter; -1 = base model only           # inside the step the model is running now
 
     @property
     def num_tokens(self) -> int:

@@ -42,7 +42,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         try:
             req = to_request(request, self.default_max_new_tokens)
-            self.engine.add_request(req, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)   # noqa: E731
+            # on an executor thread: a first request for an adapter reads it from disk
+            await loop.run_in_executor(None, self.engine.add_request, req, sink)
         except LoraplexError as exc:
             await abort_with(context, exc)
         finished = False

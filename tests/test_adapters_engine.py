@@ -1,0 +1,124 @@
+"""Adapters through the whole server: a mixed batch of several LoRA adapters and base-only requests,
+each checked against PEFT with that adapter alone on the same NF4 base (the oracle), plus the faults."""
+
+import threading
+
+import grpc
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from loraplex.v1 import generation_pb2 as pb
+from servers import ServerThread, make_tiny_model
+
+ADAPTERS = {  # id -> (rank, alpha, targets)
+    "small": (4, 8, ["q_proj", "v_proj"]),
+    "all": (16, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "team/big": (64, 128, ["k_proj", "up_proj", "down_proj"]),
+}
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, (rank, alpha, targets)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(10 + i)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(base, config)
+        for p in model.parameters():      # big enough deltas that a wrong adapter changes the answer
+            if p.requires_grad:
+                p.data *= 20
+        model.save_pretrained(root / name)
+    other = make_tiny_model(tmp_path_factory.mktemp("other-base"), hidden_size=32, num_attention_heads=2,
+                            num_key_value_heads=1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(other),
+                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(root / "foreign")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, root):
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=4, max_lora_rank=64)
+    yield server
+    server.close()
+
+
+def request(adapter_id, prompt="The weather today is"):
+    return pb.GenerateRequest(text=prompt, adapter_id=adapter_id, params=pb.Parameters(
+        stopping=pb.StoppingCriteria(max_new_tokens=NEW, min_new_tokens=NEW),
+        response=pb.ResponseOptions(token_logprobs=True, top_n_tokens=3)))
+
+
+def oracle_logprobs(tiny_model_dir, root, adapter_id, ids):
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.float32)
+    if adapter_id:
+        model = PeftModel.from_pretrained(model, root / adapter_id)
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_mixed_batch_equals_peft_with_each_adapter_alone(server, stub_for, tiny_model_dir, root):
+    stub = stub_for(server.target)
+    ids = ["small", "", "all", "team/big", "small", ""]
+    results = {}
+
+    def run(i):
+        results[i] = stub.Generate(request(ids[i]), timeout=120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer("The weather today is").input_ids
+    answers = {}
+    for i, adapter_id in enumerate(ids):
+        tokens = [t.token_id for t in results[i].tokens]
+        answers.setdefault(adapter_id, tokens)
+        assert answers[adapter_id] == tokens                     # same adapter, same greedy answer
+        logprobs = oracle_logprobs(tiny_model_dir, root, adapter_id, prompt + tokens)
+        for step, token in enumerate(results[i].tokens):
+            row = logprobs[len(prompt) - 1 + step]
+            assert token.token_id == int(row.argmax()), (adapter_id, step)
+            assert abs(token.logprob - float(row[token.token_id])) < 2e-3
+    assert len({tuple(v) for v in answers.values()}) == len(answers)   # every adapter answers differently
+
+
+@pytest.mark.parametrize("adapter_id, code, words", [
+    ("no-such-adapter", grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
+    ("../etc", grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ("/abs/path", grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ("%2e%2e/x", grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ("foreign", grpc.StatusCode.FAILED_PRECONDITION, "foreign"),
+])
+def test_bad_adapters_are_refused_and_others_keep_working(server, stub_for, adapter_id, code, words):
+    stub = stub_for(server.target)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request(adapter_id), timeout=60)
+    assert info.value.code() == code and words in info.value.details()
+    assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
+
+
+def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, stub_for):
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=2)
+    try:
+        stub = stub_for(server.target)
+        outputs = []
+        threads = [threading.Thread(target=lambda: outputs.append(stub.Generate(request("all"), timeout=120)))
+                   for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(outputs) == 20 and len({tuple(t.token_id for t in o.tokens) for o in outputs}) == 1
+        assert server.engine.registry.loads == 1
+        assert server.engine.registry.slots.refs("all") == 0      # every request gave its slot back
+    finally:
+        server.close()
