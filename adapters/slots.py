@@ -76,6 +76,9 @@ class SlotTable:
         self._free.append(entry.slot)
         return entry.slot
 
+    def pinned(self, key) -> bool:
+        return self._entries[key].pinned
+
     def refs(self, key) -> int:
         return self._entries[key].refs
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import fields
 
 from .client import DEFAULT_TARGET, Client, Generation, ModelInfo
+from .adapters_cli import add_adapters
 from .errors import DeadlineExceeded, LoraplexError, Unavailable
 
 DELEGATED = ("serve", "bench")   # everything after these words goes to their own parsers untouched
@@ -81,6 +82,7 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     tokenize.add_argument("text")
     tokenize.add_argument("--tokens", action="store_true", help="also print each token's text")
     tokenize.set_defaults(run=_tokenize)
+    add_adapters(commands, connection)
     _add_demo(commands, environ)
     commands.add_parser("bench", help="benchmarks (see loraplex bench --help)", add_help=False)
     return parser

@@ -36,6 +36,7 @@ class ServerConfig:
     max_lora_rank: int = _opt(64, "largest adapter rank accepted")
     adapter_slots: int = _opt(8, "adapters held on the device at once")
     adapter_host_cache_mb: int = _opt(1024, "host memory for adapters read from disk, in MiB")
+    adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")

@@ -122,3 +122,84 @@ def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, s
         assert server.engine.registry.slots.refs("all") == 0      # every request gave its slot back
     finally:
         server.close()
+
+
+@pytest.fixture()
+def admin(server):
+    from loraplex.v1 import adapters_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        yield adapters_pb2_grpc.AdapterServiceStub(channel)
+
+
+def test_admin_lists_loads_pins_and_unloads(server, admin, stub_for):
+    from loraplex.v1 import adapters_pb2 as apb
+
+    listed = {a.adapter_id: a for a in admin.ListAdapters(apb.ListAdaptersRequest(), timeout=30).adapters}
+    assert {"small", "all", "team/big", "foreign"} <= set(listed)
+    loaded = admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id="team/big", pin=True), timeout=60)
+    assert loaded.state == apb.LOADED and loaded.tier == apb.DEVICE and loaded.pinned
+    assert loaded.rank == 64 and dict(loaded.ranks) == {"k_proj": 64, "up_proj": 64, "down_proj": 64}
+    assert loaded.target_modules == ["down_proj", "k_proj", "up_proj"] and loaded.size_bytes > 0
+    before = [t.token_id for t in stub_for(server.target).Generate(request("small"), timeout=60).tokens]
+    gone = admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="small"), timeout=30)
+    assert gone.state == apb.UNLOADED
+    assert admin.GetAdapter(apb.GetAdapterRequest(adapter_id="small"), timeout=30).state == apb.ON_DISK
+    after = [t.token_id for t in stub_for(server.target).Generate(request("small"), timeout=60).tokens]
+    assert after == before          # read again on its next request, same answer
+
+
+def test_unload_is_refused_while_a_request_runs(server, admin, stub_for):
+    from loraplex.v1 import adapters_pb2 as apb
+
+    stream = stub_for(server.target).GenerateStream(pb.GenerateRequest(
+        text="Hi", adapter_id="all", params=pb.Parameters(stopping=pb.StoppingCriteria(
+            max_new_tokens=400, min_new_tokens=400))), timeout=60)
+    next(stream)
+    with pytest.raises(grpc.RpcError) as info:
+        admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="all"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "running" in info.value.details()
+    stream.cancel()
+
+
+@pytest.mark.parametrize("adapter_id, code", [("", grpc.StatusCode.INVALID_ARGUMENT),
+                                              ("../x", grpc.StatusCode.INVALID_ARGUMENT),
+                                              ("missing", grpc.StatusCode.NOT_FOUND)])
+def test_admin_bad_ids(admin, adapter_id, code):
+    from loraplex.v1 import adapters_pb2 as apb
+
+    with pytest.raises(grpc.RpcError) as info:
+        admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id=adapter_id), timeout=30)
+    assert info.value.code() == code
+
+
+def test_admin_service_can_be_turned_off(tiny_model_dir, root):
+    from loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
+
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_service=False)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                adapters_pb2_grpc.AdapterServiceStub(channel).ListAdapters(apb.ListAdaptersRequest(), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.close()
+
+
+def test_cli_adapter_verbs_and_generate_with_adapter(server, capsys):
+    import json
+
+    from loraplex.clients.cli import main
+
+    target = ["--target", server.target]
+    assert main(["adapters", "list", *target]) == 0
+    assert "team/big" in capsys.readouterr().out
+    assert main(["adapters", "load", "r-none", *target]) == 1          # unknown: NOT_FOUND, exit 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["adapters", "load", "small", "--pin", *target]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["tier"] == "DEVICE" and shown["pinned"] and shown["rank"] == 4
+    assert main(["generate", "The weather today is", "--adapter", "small", "--max-new-tokens", "3", *target]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["adapters", "show", "small", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "LOADED"

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraplex.v1 import generation_pb2, generation_pb2_grpc
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from ..build import ModelDescription
 from ..config import ServerConfig
@@ -15,20 +15,22 @@ from .generation import GenerationService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+ADAPTERS = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 
 
 class Health:
     """grpc.health.v1 status for the whole server ("") and each of our services."""
 
-    def __init__(self):
+    def __init__(self, services: tuple[str, ...]):
+        self.services = services
         self.servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.serving = False
 
     async def set(self, serving: bool) -> None:
         self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *self.services):
             await self.servicer.set(name, status)
 
 
@@ -36,9 +38,15 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
-    health_ = Health()
+    services = (GENERATION,)
+    if engine.registry is not None and config.adapter_service:
+        from .adapters import AdapterService
+
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.registry), server)
+        services += (ADAPTERS,)
+    health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not listen on {config.host}:{config.port}")

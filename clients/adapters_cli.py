@@ -1,0 +1,31 @@
+"""`loraplex adapters list|show|load|unload`: the AdapterService from the command line."""
+
+import json
+
+
+def add_adapters(commands, connection) -> None:
+    p = commands.add_parser("adapters", parents=[connection], help="list, show, load or unload LoRA adapters")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs.add_parser("list", parents=[connection], help="adapters in memory and under the adapter roots")
+    for verb, text in (("show", "one adapter's details"), ("load", "read and validate an adapter now"),
+                       ("unload", "drop an adapter from memory")):
+        v = verbs.add_parser(verb, parents=[connection], help=text)
+        v.add_argument("adapter_id")
+        if verb == "load":
+            v.add_argument("--pin", action="store_true", help="keep it on the device")
+    p.set_defaults(run=_run)
+
+
+def _run(args, _extra) -> int:
+    from .admin import AdapterAdmin, as_dict
+
+    with AdapterAdmin(args.target, timeout=args.timeout, token=args.token) as admin:
+        if args.verb == "list":
+            for info in admin.list():
+                print(f"{info.adapter_id:<32} {info.state:<9} {info.tier:<7} rank {info.rank:<3} "
+                      f"{','.join(info.target_modules)}")
+            return 0
+        call = {"show": admin.get, "unload": admin.unload}.get(args.verb)
+        info = admin.load(args.adapter_id, pin=args.pin) if call is None else call(args.adapter_id)
+        print(json.dumps(as_dict(info), indent=2))
+    return 0

@@ -1,0 +1,73 @@
+"""Client of loraplex.v1.AdapterService: list, show, load (optionally pinned) and unload adapters."""
+
+from dataclasses import dataclass
+
+import grpc
+
+from loraplex.v1 import adapters_pb2 as pb
+from loraplex.v1 import adapters_pb2_grpc as pb_grpc
+
+from .client import DEFAULT_TARGET, _typed_errors
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    state: str            # ON_DISK, LOADED, UNLOADED
+    tier: str             # DISK, HOST, DEVICE
+    version: int
+    rank: int
+    ranks: dict
+    alpha: float
+    target_modules: tuple
+    format: str
+    size_bytes: int
+    pinned: bool
+    running_requests: int
+
+
+def _info(message: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(message.adapter_id, pb.AdapterState.Name(message.state), pb.AdapterTier.Name(message.tier),
+                       message.version, message.rank, dict(message.ranks), message.alpha,
+                       tuple(message.target_modules), message.format, message.size_bytes, message.pinned,
+                       message.running_requests)
+
+
+class AdapterAdmin:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._stub = pb_grpc.AdapterServiceStub(self._channel)
+        self._kw = {"timeout": timeout, "metadata": (("authorization", f"Bearer {token}"),) if token else None}
+
+    def list(self) -> list[AdapterInfo]:
+        with _typed_errors():
+            return [_info(a) for a in self._stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw).adapters]
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        with _typed_errors():
+            return _info(self._stub.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._kw))
+
+    def load(self, adapter_id: str, pin: bool = False) -> AdapterInfo:
+        with _typed_errors():
+            return _info(self._stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin), **self._kw))
+
+    def unload(self, adapter_id: str) -> AdapterInfo:
+        with _typed_errors():
+            return _info(self._stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AdapterAdmin":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def as_dict(info: AdapterInfo) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()}
+
+
+__all__ = ["AdapterAdmin", "AdapterInfo", "as_dict"]

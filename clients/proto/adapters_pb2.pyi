@@ -1,0 +1,97 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATE_UNSPECIFIED: _ClassVar[AdapterState]
+    ON_DISK: _ClassVar[AdapterState]
+    LOADED: _ClassVar[AdapterState]
+    UNLOADED: _ClassVar[AdapterState]
+
+class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_TIER_UNSPECIFIED: _ClassVar[AdapterTier]
+    DISK: _ClassVar[AdapterTier]
+    HOST: _ClassVar[AdapterTier]
+    DEVICE: _ClassVar[AdapterTier]
+ADAPTER_STATE_UNSPECIFIED: AdapterState
+ON_DISK: AdapterState
+LOADED: AdapterState
+UNLOADED: AdapterState
+ADAPTER_TIER_UNSPECIFIED: AdapterTier
+DISK: AdapterTier
+HOST: AdapterTier
+DEVICE: AdapterTier
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("adapter_id", "state", "tier", "version", "rank", "ranks", "alpha", "target_modules", "format", "size_bytes", "error", "pinned", "running_requests")
+    class RanksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    state: AdapterState
+    tier: AdapterTier
+    version: int
+    rank: int
+    ranks: _containers.ScalarMap[str, int]
+    alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    format: str
+    size_bytes: int
+    error: str
+    pinned: bool
+    running_requests: int
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., ranks: _Optional[_Mapping[str, int]] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "pin")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    pin: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
