@@ -38,7 +38,17 @@ class AdapterStatus:
     running_requests: int = 0
 
 
+@dataclass(frozen=True)
+class _Resident:
+    adapter: Adapter
+    version: int
+    signature: tuple          # (mtime_ns, size) of its files when read: a change means a new version
+
+
 class AdapterRegistry:
+    """Slot keys are (adapter_id, version): a reloaded adapter gets a new version and a new slot, while
+    requests already running keep the slot of the version they started with until they finish."""
+
     def __init__(self, roots: list[Path], model: ModelConfig, buffers: SlotBuffers, num_slots: int,
                  max_rank: int, host_cache_bytes: int, dtype: torch.dtype = torch.float32):
         self.roots = roots
@@ -48,104 +58,134 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.host_cache_bytes = host_cache_bytes
         self.dtype = dtype
-        self._host: OrderedDict[str, Adapter] = OrderedDict()   # least recently used first
-        self._lock = threading.Lock()                            # guards _host, slots and buffers
+        self._host: OrderedDict[str, _Resident] = OrderedDict()   # least recently used first
+        self._versions: dict[str, int] = {}                       # last version published per id
+        self._stale: set[tuple[str, int]] = set()                 # slot keys to free at their last release
+        self._lock = threading.Lock()                             # guards everything above and the buffers
         self._loading: dict[str, threading.Lock] = {}
         self.loads = 0
 
-    def acquire(self, adapter_id: str) -> int:
-        """The device slot holding adapter_id, with one more reference; loads it when needed."""
-        adapter = self._host_copy(adapter_id)
+    def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
+        """(device slot, slot key) of adapter_id's current version, with one more reference; reads it
+        from disk when it is not in memory."""
+        resident = self._resident(adapter_id)
+        key = (adapter_id, resident.version)
         with self._lock:
             try:
-                slot, _, fresh = self.slots.acquire(adapter_id)
+                slot, _, fresh = self.slots.acquire(key)
             except NoFreeSlot as exc:
                 raise ResourceExhaustedError(str(exc)) from None
             if fresh:
-                self.buffers.write(slot, adapter)   # the slot's old adapter has no running request
-            return slot
+                self.buffers.write(slot, resident.adapter)   # the slot's old adapter has no running request
+            return slot, key
 
-    def release(self, adapter_id: str) -> None:
+    def release(self, key: tuple[str, int]) -> None:
         with self._lock:
-            self.slots.release(adapter_id)
+            self.slots.release(key)
+            if key in self._stale and not self.slots.refs(key):
+                self._drop_slot(key)
 
-    def _host_copy(self, adapter_id: str) -> Adapter:
+    def _resident(self, adapter_id: str, refresh: bool = False) -> _Resident:
         with self._lock:
-            if adapter_id in self._host:
+            current = self._host.get(adapter_id)
+            if current is not None and not refresh:
                 self._host.move_to_end(adapter_id)
-                return self._host[adapter_id]
+                return current
             gate = self._loading.setdefault(adapter_id, threading.Lock())
         with gate:                                   # one reader per adapter; the others wait for it
+            directory = self._read_dir(adapter_id)
+            signature = _signature(directory)
             with self._lock:
-                if adapter_id in self._host:
-                    return self._host[adapter_id]
-            adapter = self._read(adapter_id)
+                current = self._host.get(adapter_id)
+                if current is not None and current.signature == signature:
+                    return current
+            adapter = self._read(adapter_id, directory)
             with self._lock:
-                self._host[adapter_id] = adapter
-                self.loads += 1
-                self._trim_host()
-                self._loading.pop(adapter_id, None)
-            return adapter
+                return self._publish(adapter_id, adapter, signature)
 
-    def _read(self, adapter_id: str) -> Adapter:
-        directory = self._read_dir(adapter_id)
+    def _publish(self, adapter_id: str, adapter: Adapter, signature: tuple) -> _Resident:
+        old = self._host.get(adapter_id)
+        version = self._versions.get(adapter_id, 0) + 1
+        self._versions[adapter_id] = version
+        self._host[adapter_id] = _Resident(adapter, version, signature)
+        self._host.move_to_end(adapter_id)
+        self.loads += 1
+        if old is not None:
+            self._retire((adapter_id, old.version))
+        self._trim_host()
+        return self._host[adapter_id]
+
+    def _retire(self, key: tuple[str, int]) -> None:
+        """Frees key's slot now, or at its last release when requests still run on it."""
+        if key not in self.slots:
+            return
+        if self.slots.refs(key):
+            self._stale.add(key)
+        else:
+            self._drop_slot(key)
+
+    def _drop_slot(self, key: tuple[str, int]) -> None:
+        self._stale.discard(key)
+        self.buffers.clear(self.slots.remove(key))
+
+    def _read(self, adapter_id: str, directory: Path) -> Adapter:
         try:
             return load_peft_lora(directory, adapter_id, self.model, self.max_rank, self.dtype)
         except AdapterFormatError as exc:
             raise FailedPreconditionError(f"adapter {adapter_id!r} cannot be served: {exc}") from None
 
     def _trim_host(self) -> None:
-        while len(self._host) > 1 and sum(a.size_bytes for a in self._host.values()) > self.host_cache_bytes:
+        while len(self._host) > 1 and sum(r.adapter.size_bytes for r in self._host.values()) > self.host_cache_bytes:
             self._host.popitem(last=False)
 
     # ---- administration (the AdapterService) -------------------------------------------------
 
     def describe(self, adapter_id: str) -> AdapterStatus:
         with self._lock:
-            adapter = self._host.get(adapter_id)
-            if adapter is not None:
-                return self._status(adapter)
+            resident = self._host.get(adapter_id)
+            if resident is not None:
+                return self._status(adapter_id, resident)
         self._read_dir(adapter_id)      # raises NotFound / InvalidArgument for ids not on disk
         return AdapterStatus(adapter_id, "on_disk", "disk")
 
     def catalog(self) -> list[AdapterStatus]:
         with self._lock:
-            loaded = {a.adapter_id: self._status(a) for a in self._host.values()}
+            loaded = {i: self._status(i, r) for i, r in self._host.items()}
         on_disk = [AdapterStatus(i, "on_disk", "disk") for i in self._scan() if i not in loaded]
         return sorted([*loaded.values(), *on_disk], key=lambda s: s.adapter_id)
 
     def load(self, adapter_id: str, pin: bool = False) -> AdapterStatus:
-        adapter = self._host_copy(adapter_id)
+        """Reads the adapter now; if its files changed since it was read, publishes a new version."""
+        resident = self._resident(adapter_id, refresh=True)
         if pin:
-            self.acquire(adapter_id)
+            _, key = self.acquire(adapter_id)
             with self._lock:
-                self.slots.pin(adapter_id)
-                self.slots.release(adapter_id)
+                self.slots.pin(key)
+                self.slots.release(key)
         with self._lock:
-            return self._status(adapter)
+            return self._status(adapter_id, self._host.get(adapter_id, resident))
 
     def unload(self, adapter_id: str) -> AdapterStatus:
+        """Drops the adapter from memory. Requests running on it finish first (their slot is freed then);
+        new requests read it again."""
         with self._lock:
-            adapter = self._host.get(adapter_id)
-            if adapter is None:
+            resident = self._host.pop(adapter_id, None)
+            if resident is None:
                 raise NotFoundError(f"adapter {adapter_id!r} is not loaded")
-            if adapter_id in self.slots:
-                if self.slots.refs(adapter_id):
-                    raise FailedPreconditionError(f"adapter {adapter_id!r} is used by "
-                                                  f"{self.slots.refs(adapter_id)} running request(s)")
-                self.buffers.clear(self.slots.remove(adapter_id))
-            del self._host[adapter_id]
-            return AdapterStatus(adapter_id, "unloaded", "disk", format=adapter.format)
+            for key in [k for k in self.slots.keys() if k[0] == adapter_id]:
+                self._retire(key)
+            return AdapterStatus(adapter_id, "unloaded", "disk", resident.version, format=resident.adapter.format)
 
-    def _status(self, adapter: Adapter) -> AdapterStatus:
-        on_device = adapter.adapter_id in self.slots
+    def _status(self, adapter_id: str, resident: _Resident) -> AdapterStatus:
+        adapter, key = resident.adapter, (adapter_id, resident.version)
+        on_device = key in self.slots
         ranks: dict[str, int] = {}
         for (_, target), module in adapter.modules.items():
             ranks[target] = max(ranks.get(target, 0), module.rank)
-        return AdapterStatus(adapter.adapter_id, "loaded", "device" if on_device else "host", 1, adapter.rank,
-                             ranks, adapter.alpha, adapter.target_modules, adapter.format, adapter.size_bytes,
-                             on_device and self.slots.pinned(adapter.adapter_id),
-                             self.slots.refs(adapter.adapter_id) if on_device else 0)
+        running = sum(self.slots.refs(k) for k in self.slots.keys() if k[0] == adapter_id)
+        return AdapterStatus(adapter_id, "loaded", "device" if on_device else "host", resident.version,
+                             adapter.rank, ranks, adapter.alpha, adapter.target_modules, adapter.format,
+                             adapter.size_bytes, on_device and self.slots.pinned(key), running)
 
     def _read_dir(self, adapter_id: str) -> Path:
         try:
@@ -162,3 +202,14 @@ class AdapterRegistry:
             for config in list(root.glob("*/adapter_config.json")) + list(root.glob("*/*/adapter_config.json")):
                 found.add(config.parent.relative_to(root).as_posix())
         return sorted(found)
+
+
+def _signature(directory: Path) -> tuple:
+    stats = []
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            st = (directory / name).stat()
+            stats.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)

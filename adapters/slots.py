@@ -76,6 +76,9 @@ class SlotTable:
         self._free.append(entry.slot)
         return entry.slot
 
+    def keys(self) -> list:
+        return list(self._entries)
+
     def pinned(self, key) -> bool:
         return self._entries[key].pinned
 

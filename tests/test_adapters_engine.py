@@ -119,7 +119,7 @@ def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, s
             t.join(120)
         assert len(outputs) == 20 and len({tuple(t.token_id for t in o.tokens) for o in outputs}) == 1
         assert server.engine.registry.loads == 1
-        assert server.engine.registry.slots.refs("all") == 0      # every request gave its slot back
+        assert server.engine.registry.slots.refs(("all", 1)) == 0   # every request gave its slot back
     finally:
         server.close()
 
@@ -149,17 +149,53 @@ def test_admin_lists_loads_pins_and_unloads(server, admin, stub_for):
     assert after == before          # read again on its next request, same answer
 
 
-def test_unload_is_refused_while_a_request_runs(server, admin, stub_for):
+def long_request(adapter_id, n=300):
+    return pb.GenerateRequest(text="Hi", adapter_id=adapter_id, params=pb.Parameters(
+        stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+        response=pb.ResponseOptions(token_logprobs=True)))
+
+
+def stream_tokens(stream):
+    return [t.token_id for chunk in stream for t in chunk.tokens]
+
+
+def test_unload_mid_stream_lets_the_request_finish_correctly(server, admin, stub_for):
     from loraplex.v1 import adapters_pb2 as apb
 
-    stream = stub_for(server.target).GenerateStream(pb.GenerateRequest(
-        text="Hi", adapter_id="all", params=pb.Parameters(stopping=pb.StoppingCriteria(
-            max_new_tokens=400, min_new_tokens=400))), timeout=60)
-    next(stream)
-    with pytest.raises(grpc.RpcError) as info:
-        admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="all"), timeout=30)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "running" in info.value.details()
-    stream.cancel()
+    stub = stub_for(server.target)
+    want = [t.token_id for t in stub.Generate(long_request("all"), timeout=120).tokens]
+    stream = stub.GenerateStream(long_request("all"), timeout=120)
+    first = next(stream)
+    assert admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="all"), timeout=30).state == apb.UNLOADED
+    assert server.engine.stats().running == 1                                  # still mid-stream
+    assert [t.token_id for t in first.tokens] + stream_tokens(stream) == want
+    assert [t.token_id for t in stub.Generate(long_request("all"), timeout=120).tokens] == want   # read again
+
+
+def test_reload_with_changed_files_publishes_a_new_version_mid_stream(server, admin, stub_for, root):
+    import shutil
+
+    from loraplex.v1 import adapters_pb2 as apb
+
+    stub = stub_for(server.target)
+    shutil.copytree(root / "small", root / "swap")
+    try:
+        old = [t.token_id for t in stub.Generate(long_request("small"), timeout=120).tokens]
+        new = [t.token_id for t in stub.Generate(long_request("all"), timeout=120).tokens]
+        assert old != new
+        v1 = admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id="swap"), timeout=60).version
+        stream = stub.GenerateStream(long_request("swap"), timeout=120)
+        first = next(stream)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):   # continued training lands
+            shutil.copy(root / "all" / name, root / "swap" / name)
+        reloaded = admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id="swap"), timeout=60)
+        assert reloaded.version == v1 + 1 and reloaded.running_requests == 1   # the stream is still running
+        after = [t.token_id for t in stub.Generate(long_request("swap"), timeout=120).tokens]
+        running = [t.token_id for t in first.tokens] + stream_tokens(stream)
+        assert running == old and after == new     # the running request kept its version; new ones get the new
+        assert admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id="swap"), timeout=60).version == v1 + 1
+    finally:
+        shutil.rmtree(root / "swap")
 
 
 @pytest.mark.parametrize("adapter_id, code", [("", grpc.StatusCode.INVALID_ARGUMENT),

@@ -62,7 +62,8 @@ class Engine:
             raise NotFoundError(f"adapter {request.adapter_id!r} not found (this server has no adapter roots)")
         seq = self._new_sequence(request, sink)
         if request.adapter_id:
-            seq.slot = self.registry.acquire(request.adapter_id)   # may read it from disk, off the decode loop
+            # may read it from disk: on the caller's thread, off the decode loop
+            seq.slot, seq.adapter_key = self.registry.acquire(request.adapter_id)
         try:
             with self._lock:
                 if request.request_id in self._by_id:
@@ -76,9 +77,9 @@ class Engine:
         return seq
 
     def _release_adapter(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            self.registry.release(seq.request.adapter_id)
-            seq.slot = -1
+        if seq.adapter_key is not None:
+            self.registry.release(seq.adapter_key)
+            seq.slot, seq.adapter_key = -1, None
 
     def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
