@@ -67,17 +67,30 @@ class AdapterRegistry:
 
     def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
         """(device slot, slot key) of adapter_id's current version, with one more reference; reads it
-        from disk when it is not in memory."""
+        from disk when it is not in memory. Raises ResourceExhausted when every slot is busy."""
+        got = self.try_acquire(adapter_id)
+        if got is None:
+            raise ResourceExhaustedError(f"all {self.slots.num_slots} adapter slots are in use by running "
+                                         f"requests or pinned")
+        return got
+
+    def try_acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]] | None:
+        """As acquire, but None when every slot is busy (the caller waits for a release)."""
         resident = self._resident(adapter_id)
         key = (adapter_id, resident.version)
         with self._lock:
             try:
                 slot, _, fresh = self.slots.acquire(key)
-            except NoFreeSlot as exc:
-                raise ResourceExhaustedError(str(exc)) from None
+            except NoFreeSlot:
+                return None
             if fresh:
                 self.buffers.write(slot, resident.adapter)   # the slot's old adapter has no running request
             return slot, key
+
+    def slots_all_pinned(self) -> bool:
+        with self._lock:
+            keys = self.slots.keys()
+            return len(keys) == self.slots.num_slots and all(self.slots.pinned(k) for k in keys)
 
     def release(self, key: tuple[str, int]) -> None:
         with self._lock:

@@ -239,3 +239,42 @@ def test_cli_adapter_verbs_and_generate_with_adapter(server, capsys):
     assert capsys.readouterr().out.strip()
     assert main(["adapters", "show", "small", *target]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "LOADED"
+
+
+def test_requests_wait_for_a_busy_slot_while_others_go_on(tiny_model_dir, root, stub_for):
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=1)
+    try:
+        stub = stub_for(server.target)
+        want_big = [t.token_id for t in stub.Generate(request("team/big"), timeout=60).tokens]
+        holder = stub.GenerateStream(long_request("small"), timeout=120)   # holds the only slot
+        next(holder)
+        results = {}
+        waiter = threading.Thread(target=lambda: results.setdefault("big", stub.Generate(request("team/big"),
+                                                                                         timeout=120)))
+        waiter.start()
+        base = stub.Generate(request(""), timeout=60)                      # base requests are not held up
+        assert base.generated_token_count == NEW and "big" not in results
+        assert server.engine.stats().waiting == 1
+        rest = stream_tokens(holder)                                       # the holder finishes, frees the slot
+        waiter.join(120)
+        assert len(rest) > 0 and [t.token_id for t in results["big"].tokens] == want_big
+    finally:
+        server.close()
+
+
+def test_all_slots_pinned_is_resource_exhausted(tiny_model_dir, root, stub_for):
+    from loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
+
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_slots=1)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            adapters_pb2_grpc.AdapterServiceStub(channel).LoadAdapter(
+                apb.LoadAdapterRequest(adapter_id="small", pin=True), timeout=60)
+        stub = stub_for(server.target)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request("all"), timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in info.value.details()
+        assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
+    finally:
+        server.close()

@@ -62,8 +62,9 @@ class Engine:
             raise NotFoundError(f"adapter {request.adapter_id!r} not found (this server has no adapter roots)")
         seq = self._new_sequence(request, sink)
         if request.adapter_id:
-            # may read it from disk: on the caller's thread, off the decode loop
-            seq.slot, seq.adapter_key = self.registry.acquire(request.adapter_id)
+            # may read it from disk: on the caller's thread, off the decode loop; with every slot busy the
+            # request waits (without holding up others) until a running one gives a slot back
+            self._take_slot(seq)
         try:
             with self._lock:
                 if request.request_id in self._by_id:
@@ -75,6 +76,21 @@ class Engine:
             self._release_adapter(seq)
             raise
         return seq
+
+    def _take_slot(self, seq: Sequence) -> bool:
+        got = self.registry.try_acquire(seq.request.adapter_id)
+        if got is None and self.registry.slots_all_pinned():
+            raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
+        seq.adapter_pending = got is None
+        if got is not None:
+            seq.slot, seq.adapter_key = got
+        return got is not None
+
+    def _retry_pending_slots(self) -> None:
+        """Waiting requests whose adapter had no free slot try again (the adapter is in memory by now)."""
+        for seq in self.scheduler.waiting:
+            if seq.adapter_pending and not self._take_slot(seq):
+                break    # still full: later ones would not find a slot either
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_key is not None:
@@ -148,11 +164,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
+                if self.registry is not None:
+                    self._retry_pending_slots()
                 batch = self.scheduler.schedule()
-                for seq in batch.seqs if batch else ():
+                if batch is None:        # only requests waiting for an adapter slot: wait for a release
+                    self._wake.wait(0.01)
+                    continue
+                for seq in batch.seqs:
                     seq.in_step = True
-            if batch is None:
-                continue
             self._run(batch)
 
     def _run(self, batch: Batch) -> None:

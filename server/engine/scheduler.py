@@ -41,16 +41,20 @@ class Scheduler:
         return Batch(prefill=False, seqs=list(self.running)) if self.running else None
 
     def _admit(self) -> list[Sequence]:
+        """In arrival order; a request still waiting for an adapter slot is passed over, not waited on."""
         admitted, tokens = [], 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if len(self.running) + len(admitted) >= self.max_batch_size:
+                break
+            if seq.adapter_pending:
+                continue
             n = seq.num_tokens
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if not self.blocks.can_grow(seq.block_table, n):
                 break
             self.blocks.grow(seq.block_table, n)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             admitted.append(seq)
             tokens += n

@@ -74,7 +74,8 @@ class Sequence:
         self.aborted = False
         self.in_step = False
         self.slot = -1                 # device slot of the request's adapter; -1 = base model only
-        self.adapter_key = None        # (adapter_id, version) the request holds a slot reference on           # inside the step the model is running now
+        self.adapter_key = None        # (adapter_id, version) the request holds a slot reference on
+        self.adapter_pending = False   # waiting for a free adapter slot           # inside the step the model is running now
 
     @property
     def num_tokens(self) -> int:
