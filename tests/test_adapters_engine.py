@@ -99,9 +99,13 @@ def test_mixed_batch_equals_peft_with_each_adapter_alone(server, stub_for, tiny_
 ])
 def test_bad_adapters_are_refused_and_others_keep_working(server, stub_for, adapter_id, code, words):
     stub = stub_for(server.target)
+    registry = server.engine.registry
+    stub.Generate(request("small"), timeout=60)
+    before = (registry.catalog(), registry.slots.keys())
     with pytest.raises(grpc.RpcError) as info:
         stub.Generate(request(adapter_id), timeout=60)
     assert info.value.code() == code and words in info.value.details()
+    assert (registry.catalog(), registry.slots.keys()) == before          # the registry is unchanged
     assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
 
 
@@ -112,12 +116,12 @@ def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, s
         stub = stub_for(server.target)
         outputs = []
         threads = [threading.Thread(target=lambda: outputs.append(stub.Generate(request("all"), timeout=120)))
-                   for _ in range(20)]
+                   for _ in range(50)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
-        assert len(outputs) == 20 and len({tuple(t.token_id for t in o.tokens) for o in outputs}) == 1
+        assert len(outputs) == 50 and len({tuple(t.token_id for t in o.tokens) for o in outputs}) == 1
         assert server.engine.registry.loads == 1
         assert server.engine.registry.slots.refs(("all", 1)) == 0   # every request gave its slot back
     finally:
