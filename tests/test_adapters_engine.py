@@ -282,3 +282,39 @@ def test_all_slots_pinned_is_resource_exhausted(tiny_model_dir, root, stub_for):
         assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
     finally:
         server.close()
+
+
+def test_waiting_request_whose_adapter_is_deleted_fails_cleanly(tiny_model_dir, root, stub_for):
+    import shutil
+
+    from loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
+
+    shutil.copytree(root / "small", root / "doomed")
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_slots=1)
+    try:
+        stub = stub_for(server.target)
+        holder = stub.GenerateStream(long_request("all"), timeout=120)
+        next(holder)
+        waiter = stub.Generate.future(request("doomed"), timeout=120)
+        assert _wait(lambda: server.engine.stats().waiting == 1)
+        with grpc.insecure_channel(server.target) as channel:
+            adapters_pb2_grpc.AdapterServiceStub(channel).UnloadAdapter(
+                apb.UnloadAdapterRequest(adapter_id="doomed"), timeout=30)
+        shutil.rmtree(root / "doomed")
+        stream_tokens(holder)                                   # the slot frees; the waiter re-reads: gone
+        with pytest.raises(grpc.RpcError) as info:
+            waiter.result()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
+    finally:
+        shutil.rmtree(root / "doomed", ignore_errors=True)
+        server.close()
+
+
+def _wait(predicate, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.01)
+    return predicate()

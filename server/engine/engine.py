@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, InternalError
+from ..errors import InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError
 from .prompt import encode_prompt, truncate
 from .request import GenerationRequest
 from .runner import ModelRunner
@@ -86,11 +86,23 @@ class Engine:
             seq.slot, seq.adapter_key = got
         return got is not None
 
-    def _retry_pending_slots(self) -> None:
-        """Waiting requests whose adapter had no free slot try again (the adapter is in memory by now)."""
-        for seq in self.scheduler.waiting:
-            if seq.adapter_pending and not self._take_slot(seq):
-                break    # still full: later ones would not find a slot either
+    def _retry_pending_slots(self) -> list:
+        """Waiting requests whose adapter had no free slot try again (the adapter is in memory by now).
+        Returns (sequence, output) for those that can no longer run (their adapter went away)."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            if not seq.adapter_pending:
+                continue
+            try:
+                got = self.registry.try_acquire(seq.request.adapter_id)
+            except LoraplexError as exc:
+                self._finish(seq, StopReason.ERROR)
+                failed.append((seq, self._output(seq, "", [], True, StopReason.ERROR, error=exc)))
+                continue
+            if got is not None:
+                seq.adapter_pending = False
+                seq.slot, seq.adapter_key = got
+        return failed
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_key is not None:
@@ -164,14 +176,16 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                if self.registry is not None:
-                    self._retry_pending_slots()
+                failed = self._retry_pending_slots() if self.registry is not None else []
                 batch = self.scheduler.schedule()
                 if batch is None:        # only requests waiting for an adapter slot: wait for a release
                     self._wake.wait(0.01)
-                    continue
-                for seq in batch.seqs:
+                for seq in batch.seqs if batch else ():
                     seq.in_step = True
+            for seq, out in failed:
+                seq.sink(out)
+            if batch is None:
+                continue
             self._run(batch)
 
     def _run(self, batch: Batch) -> None:

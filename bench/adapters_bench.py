@@ -1,0 +1,333 @@
+"""Mixed-adapter benchmark: `python -m loraplex.bench.adapters_bench`.
+
+Our engine serving a batch in which every request names a different LoRA adapter, against the same batch
+with no adapter, and against PEFT's mixed-adapter `generate(adapter_names=...)` on the same NF4 base.
+Optionally an online Poisson trace whose requests pick adapters by a power law over many registered
+adapters, against the same trace all on one adapter. Writes adapters.json, adapters.png and the report.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from loraplex.server.config import ServerConfig
+from loraplex.server.engine.request import GenerationRequest, StoppingParams
+
+from . import hf, machine
+from .engine_bench import isolated, measure
+from .ours import Recorder
+from .workload import decode_prompts, last_tokens, poisson_stream, summarize
+
+log = logging.getLogger("loraplex.bench.adapters")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class Settings:
+    adapters: int = 16          # distinct adapters in the decode batch (= batch size)
+    rank: int = 16
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    repeats: int = 2            # decode rounds, best kept
+    online: bool = True
+    registered: int = 200       # adapters on disk for the online trace
+    zipf: float = 1.0           # popularity of the adapter ranked k is proportional to k^-zipf
+    requests: int = 64
+    rate: float = 8.0
+    min_out: int = 8
+    max_out: int = 64
+    seed: int = 1234
+    max_batch_size: int = 32
+    kv_cache_mb: int = 512
+    online_slots: int = 32
+    wait_quiet: bool = True
+    max_foreign: float = 0.10
+    retries: int = 1
+
+
+QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, requests=8, rate=20.0, min_out=4, max_out=10,
+             wait_quiet=False, online_slots=8)
+
+
+# ---- adapters on disk ------------------------------------------------------------------------------------
+def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) -> list[str]:
+    """n PEFT-made random adapters (init_lora_weights=False) on all 7 projections, in root/a0 .. root/a{n-1}."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = []
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                init_lora_weights=False))
+        model.save_pretrained(str(root / f"a{i}"))
+        base = model.unload()
+        names.append(f"a{i}")
+    return names
+
+
+def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, seed: int) -> list[str]:
+    """n adapters written directly: the template's config and tensor names/shapes, fresh random values of
+    the template's scale (much faster than PEFT for hundreds of adapters)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(template / "adapter_model.safetensors"))
+    scales = {k: float(v.float().std()) for k, v in tensors.items()}
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(n):
+        d = root / f"s{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template / "adapter_config.json", d / "adapter_config.json")
+        save_file({k: (torch.randn(v.shape, generator=gen) * scales[k]).to(v.dtype).contiguous()
+                   for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+        names.append(f"s{i}")
+    return names
+
+
+# ---- our engine --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings):
+    from loraplex.server.build import launch_engine
+
+    config = ServerConfig(max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
+                          adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank)
+    engine, _ = launch_engine(config)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        del engine
+        gc.collect()
+
+
+def _request(prompt: str, adapter: str, new_tokens: int, truncate: int = 0) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, adapter_id=adapter, truncate_input_tokens=truncate,
+                             stopping=StoppingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+
+
+def ours_decode(engine, prompts: list[str], adapters: list[str], prompt_tokens: int, new_tokens: int) -> float:
+    """All submitted at once; B * (N - 1) / (last first token -> last token), as bench/ours.py."""
+    rec = Recorder(len(prompts))
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(_request(prompt, adapter, new_tokens, prompt_tokens), rec.sink(i))
+    rec.wait()
+    start = max(times[0] for times in rec.token_times)
+    end = max(times[-1] for times in rec.token_times)
+    return len(prompts) * (new_tokens - 1) / (end - start)
+
+
+def ours_online(engine, stream, adapters: list[str]) -> dict:
+    rec = Recorder(len(stream))
+    arrivals = []
+    origin = time.perf_counter()
+    for req, adapter in zip(stream, adapters):
+        delay = origin + req.arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        arrivals.append(time.perf_counter())
+        engine.add_request(_request(req.prompt, adapter, req.output_len), rec.sink(req.index))
+    rec.wait()
+    first = arrivals[0]
+    return summarize([a - first for a in arrivals], [[t - first for t in ts] for ts in rec.token_times])
+
+
+# ---- PEFT --------------------------------------------------------------------------------------------------
+def peft_load(model_dir: str, root: pathlib.Path, names: list[str]):
+    from peft import PeftModel
+
+    base, tokenizer = hf.load(model_dir)
+    model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(root / name), adapter_name=name)
+    return model.eval(), tokenizer
+
+
+def peft_decode(model, tokenizer, prompts: list[str], adapters: list[str] | None, prompt_tokens: int,
+                new_tokens: int) -> float:
+    """Equal-length prompts (no padding); decode rate from the streamer's per-step timestamps."""
+    ids = torch.tensor([last_tokens(tokenizer, p, prompt_tokens) for p in prompts])
+    streamer = hf.TimingStreamer()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+              pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    with torch.inference_mode():
+        if adapters is None:
+            with model.disable_adapter():
+                model.generate(**kw)
+        else:
+            model.generate(adapter_names=adapters, **kw)
+    times = streamer.token_times
+    if len(times) != new_tokens:
+        raise RuntimeError(f"generate made {len(times)} steps, expected {new_tokens}")
+    return len(prompts) * (new_tokens - 1) / (times[-1] - times[0])
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+def zipf_choice(names: list[str], n: int, exponent: float, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, len(names) + 1) ** exponent
+    order = rng.permutation(len(names))          # which adapter gets which popularity rank
+    picks = rng.choice(len(names), size=n, p=weights / weights.sum())
+    return [names[order[k]] for k in picks]
+
+
+def run(s: Settings, root: pathlib.Path) -> dict:
+    from loraplex.server.model.store import default_model_dir
+
+    started = time.perf_counter()
+    info = machine.describe()
+    model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
+    info["model"] = pathlib.Path(model_dir).name
+    t0 = time.perf_counter()
+    names = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank))
+    log.info("made %d PEFT adapters in %.1f s", len(names), time.perf_counter() - t0)
+    prompts = decode_prompts(s.adapters)
+    b = len(prompts)
+    runs: dict[str, list] = {k: [] for k in ("ours_distinct", "ours_base", "peft_mixed", "peft_base")}
+
+    def record(kind, fn, rep):
+        value, foreign = measure(fn, s)
+        log.info("%-13s %s %7.1f tok/s (others used %.0f%% of the CPU)", kind,
+                 "warm-up" if rep < 0 else f"round {rep + 1}", value, foreign * 100)
+        if rep >= 0:
+            runs[kind].append((value, foreign))
+
+    with engine_running(root, s.adapters, s.rank, s) as engine:
+        # warm-up: compiles/loads everything, and puts all adapters into their device slots
+        record("ours_distinct", lambda: ours_decode(engine, prompts, names, s.prompt_tokens, 4), -1)
+        for rep in range(s.repeats):
+            record("ours_distinct", lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
+            record("ours_base", lambda: ours_decode(engine, prompts, [""] * b, s.prompt_tokens, s.new_tokens), rep)
+    model, tokenizer = isolated(lambda: peft_load(model_dir, root, names))
+    record("peft_mixed", lambda: peft_decode(model, tokenizer, prompts, names, s.prompt_tokens, 4), -1)
+    for rep in range(s.repeats):
+        record("peft_mixed", lambda: peft_decode(model, tokenizer, prompts, names, s.prompt_tokens, s.new_tokens),
+               rep)
+        record("peft_base", lambda: peft_decode(model, tokenizer, prompts, None, s.prompt_tokens, s.new_tokens), rep)
+    del model
+    gc.collect()
+    best = {k: max(v for v, _ in vals) for k, vals in runs.items()}
+    decode = {"batch": b, "adapters": s.adapters, "rank": s.rank, "targets": TARGETS,
+              "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+              **{f"{k}_tok_s": v for k, v in best.items()},
+              **{f"{k}_all": [v for v, _ in vals] for k, vals in runs.items()},
+              **{f"{k}_foreign_cpu": [f for _, f in vals] for k, vals in runs.items()},
+              "ours_distinct_vs_peft_mixed": best["ours_distinct"] / best["peft_mixed"],
+              "ours_distinct_vs_ours_base": best["ours_distinct"] / best["ours_base"],
+              "peft_mixed_vs_peft_base": best["peft_mixed"] / best["peft_base"]}
+    log.info("decode: ours-distinct/PEFT-mixed %.2fx, ours-distinct/ours-base %.3f",
+             decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "settings": dataclasses.asdict(s), "machine": info, "decode": decode}
+    if s.online:
+        result["online"] = run_online(s, root, names[0])
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_online(s: Settings, root: pathlib.Path, template: str) -> dict:
+    t0 = time.perf_counter()
+    many = make_synthetic_adapters(root / template, root, s.registered, s.seed)
+    log.info("wrote %d adapters in %.1f s", len(many), time.perf_counter() - t0)
+    stream = poisson_stream(s.requests, s.rate, s.seed, s.min_out, s.max_out)
+    picks = zipf_choice(many, len(stream), s.zipf, s.seed)
+    traces = {"many": picks, "one": [many[0]] * len(stream)}
+    out = {}
+    for label in ("many", "one"):      # a fresh engine each, so "many" starts with cold host cache and slots
+        with engine_running(root, s.online_slots, s.rank, s) as engine:
+            ours_decode(engine, ["Hello there, how are you today?"], [many[-1]], 0, 4)   # warm-up
+            res, foreign = measure(lambda: ours_online(engine, stream, traces[label]), s)
+        res["foreign_cpu"] = foreign
+        out[label] = res
+        log.info("online %-4s: %.1f tok/s, TTFT p50 %.3f p99 %.3f s, ITL p50 %.3f p99 %.3f s", label,
+                 res["throughput_tok_s"], res["ttft_p50_s"], res["ttft_p99_s"], res["itl_p50_s"], res["itl_p99_s"])
+    counts = sorted(((picks.count(n), n) for n in set(picks)), reverse=True)
+    return {"registered_adapters": len(many), "distinct_adapters_used": len(counts),
+            "top_adapter_requests": counts[0][0], "requests": len(stream), "rate_per_s": s.rate,
+            "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
+            "slots": s.online_slots, **out,
+            "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result["decode"]
+    online = result.get("online")
+    fig, axes = plt.subplots(1, 2 if online else 1, figsize=(11 if online else 6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    labels = ["ours\n16 distinct", "ours\nbase only", "PEFT\n16 mixed", "PEFT\nbase only"]
+    labels = [l.replace("16", str(d["adapters"])) for l in labels]
+    values = [d["ours_distinct_tok_s"], d["ours_base_tok_s"], d["peft_mixed_tok_s"], d["peft_base_tok_s"]]
+    bars = ax.bar(labels, values, color=["#1f77b4", "#9ecae1", "#d62728", "#fcae91"])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"Decode, batch {d['batch']}, {d['new_tokens']} new tokens, rank {d['rank']} on 7 projections",
+                 fontsize=9)
+    if online:
+        ax = axes[0][1]
+        vals = [online["many"]["throughput_tok_s"], online["one"]["throughput_tok_s"]]
+        bars = ax.bar([f"{online['registered_adapters']} adapters\n(power law)", "one adapter"], vals,
+                      color=["#1f77b4", "#9ecae1"])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"Online: {online['requests']} Poisson requests at {online['rate_per_s']:g}/s", fontsize=9)
+    fig.suptitle(f"{result['machine']['model']} NF4 on {result['machine']['cpu']} "
+                 f"({result['machine']['cores']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loraplex.bench.adapters_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir by default")
+    p.add_argument("--no-online", action="store_true", help="skip the online power-law trace")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet CPU")
+    p.add_argument("--out", help="folder for adapters.json/png [default docs/benchmarks]")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    s = Settings(**(QUICK if args.quick else {}))
+    s.online = not args.no_online
+    if args.no_wait:
+        s.wait_quiet = False
+    out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-adapters-quick") if args.quick
+                                    else "docs/benchmarks"))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loraplex-adapters-") as tmp:
+        result = run(s, pathlib.Path(tmp))
+    (out / "adapters.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "adapters.png")
+    print(json.dumps({k: v for k, v in result["decode"].items() if not k.endswith(("_all", "_cpu", "targets"))},
+                     indent=1))
+    if "online" in result:
+        o = result["online"]
+        print(json.dumps({k: {m: o[k][m] for m in ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s",
+                                                  "itl_p99_s")} for k in ("many", "one")}, indent=1))
+        print("online throughput ratio many/one:", round(o["throughput_ratio_many_vs_one"], 3))
+    print("wrote", out / "adapters.json", out / "adapters.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
