@@ -297,10 +297,10 @@ def test_waiting_request_whose_adapter_is_deleted_fails_cleanly(tiny_model_dir, 
         next(holder)
         waiter = stub.Generate.future(request("doomed"), timeout=120)
         assert _wait(lambda: server.engine.stats().waiting == 1)
+        shutil.rmtree(root / "doomed")                          # files first: the waiter may re-read any time
         with grpc.insecure_channel(server.target) as channel:
             adapters_pb2_grpc.AdapterServiceStub(channel).UnloadAdapter(
                 apb.UnloadAdapterRequest(adapter_id="doomed"), timeout=30)
-        shutil.rmtree(root / "doomed")
         stream_tokens(holder)                                   # the slot frees; the waiter re-reads: gone
         with pytest.raises(grpc.RpcError) as info:
             waiter.result()
