@@ -49,7 +49,7 @@ class LoraLinear(nn.Module):
         shrunk = x.new_zeros(x.shape[0], buffers.max_rank)   # [num_tokens, max_rank], rows of base tokens stay 0
         for target, offset, size in self.targets:
             ranks = self.step.ranks[target][layer]
-            a, b = buffers.a[target][layer].to(x.dtype), buffers.b[target][layer].to(x.dtype)
+            a, b = buffers.a[target][layer], buffers.b[target][layer]   # allocated in the compute dtype
             ops.lora_shrink(x, a, segments, ranks, shrunk)
             ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
         return out

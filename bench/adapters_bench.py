@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from loraplex.adapters.canonical import TARGETS
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.request import GenerationRequest, StoppingParams
 
@@ -34,7 +35,6 @@ from .workload import decode_prompts, last_tokens, poisson_stream, summarize
 
 log = logging.getLogger("loraplex.bench.adapters")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) ->
     names = []
     for i in range(n):
         torch.manual_seed(1000 + i)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
                                                 init_lora_weights=False))
         model.save_pretrained(str(root / f"a{i}"))
         base = model.unload()
@@ -224,7 +224,7 @@ def run(s: Settings, root: pathlib.Path) -> dict:
     del model
     gc.collect()
     best = {k: max(v for v, _ in vals) for k, vals in runs.items()}
-    decode = {"batch": b, "adapters": s.adapters, "rank": s.rank, "targets": TARGETS,
+    decode = {"batch": b, "adapters": s.adapters, "rank": s.rank, "targets": list(TARGETS),
               "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
               **{f"{k}_tok_s": v for k, v in best.items()},
               **{f"{k}_all": [v for v, _ in vals] for k, vals in runs.items()},

@@ -77,14 +77,11 @@ class Engine:
             raise
         return seq
 
-    def _take_slot(self, seq: Sequence) -> bool:
+    def _take_slot(self, seq: Sequence) -> None:
         got = self.registry.try_acquire(seq.request.adapter_id)
         if got is None and self.registry.slots_all_pinned():
             raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
-        seq.adapter_pending = got is None
-        if got is not None:
-            seq.slot, seq.adapter_key = got
-        return got is not None
+        _assign_slot(seq, got)
 
     def _retry_pending_slots(self) -> list:
         """Waiting requests whose adapter had no free slot try again (the adapter is in memory by now).
@@ -99,9 +96,7 @@ class Engine:
                 self._finish(seq, StopReason.ERROR)
                 failed.append((seq, self._output(seq, "", [], True, StopReason.ERROR, error=exc)))
                 continue
-            if got is not None:
-                seq.adapter_pending = False
-                seq.slot, seq.adapter_key = got
+            _assign_slot(seq, got)
         return failed
 
     def _release_adapter(self, seq: Sequence) -> None:
@@ -259,6 +254,13 @@ class Engine:
         self._by_id.pop(seq.request_id, None)
         self._release_adapter(seq)
         seq.stop_reason = reason
+
+
+def _assign_slot(seq: Sequence, got: tuple | None) -> None:
+    """got: (slot, key) from the registry, or None when every slot is busy (the request waits)."""
+    seq.adapter_pending = got is None
+    if got is not None:
+        seq.slot, seq.adapter_key = got
 
 
 def _classify(exc: Exception) -> Exception:

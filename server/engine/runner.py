@@ -36,8 +36,9 @@ class ModelRunner:
             batch.seqs.sort(key=lambda seq: seq.num_tokens)
         input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
         if self.lora_step is not None:
+            slots = [seq.slot for seq in batch.seqs]
             lengths = [seq.num_tokens if batch.prefill else 1 for seq in batch.seqs]
-            self.lora_step.set(compute_segments([seq.slot for seq in batch.seqs], lengths, self.device))
+            self.lora_step.set(compute_segments(slots, lengths, self.device) if max(slots) >= 0 else None)
         hidden = self.model(input_ids, ctx)
         return pick(self.head, hidden, batch.seqs, eos_ids)
 
