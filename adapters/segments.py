@@ -24,6 +24,8 @@ class Segments:
     slots: list[int]
     # [num_tokens] int64, slot id per token, -1 for base tokens; drives the gather path.
     token_slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # [3, num_segments] int64 (starts, ends, slots) on the host: the native kernels' view of the lists.
+    table: torch.Tensor = field(default_factory=lambda: torch.empty(3, 0, dtype=torch.long))
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +66,8 @@ def compute_segments(seq_slots: list[int], seq_lens: list[int], device: torch.de
     token_slots = torch.repeat_interleave(
         torch.tensor(seq_slots, dtype=torch.long), torch.tensor(seq_lens, dtype=torch.long)
     )
-    return Segments(starts, ends, slots, token_slots.to(device))
+    table = torch.tensor([starts, ends, slots], dtype=torch.long).reshape(3, len(slots))
+    return Segments(starts, ends, slots, token_slots.to(device), table)
 
 
 def _validate(seq_slots: list[int], seq_lens: list[int]) -> None:

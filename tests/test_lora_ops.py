@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from loraplex.adapters import ops
+from loraplex.adapters import native, ops
 from loraplex.adapters.segments import compute_segments
 
 SLOT_RANKS = [4, 8, 16, 64, 4, 8, 16, 64]  # one live rank per device slot; max_rank 64
@@ -23,8 +23,18 @@ TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 1e-2)}
 IMPLS = {
     "loop": (ops.shrink_loop, ops.expand_loop),
     "gather": (ops.shrink_gather, ops.expand_gather),
+    "native": (ops.shrink_native, ops.expand_native),
     "facade": (ops.lora_shrink, ops.lora_expand),
 }
+
+
+@pytest.fixture(autouse=True)
+def native_built(request):
+    """The CPU kernels must build here (make install builds them); LORAPLEX_NATIVE=0 is the only opt-out."""
+    if "native" in request.node.name:
+        if not native.enabled():
+            pytest.skip("LORAPLEX_NATIVE=0")
+        assert native.available(), native.error()
 
 
 def popularity_slots(kind: str, gen: torch.Generator) -> list[int]:
@@ -64,10 +74,16 @@ def make_batch(kind: str, layout: str, hidden: int, dtype, seed: int):
     return segments, x, base, make_stacks(hidden, dtype, gen)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+# The native kernels are float32 only (bfloat16 steps take the torch implementations).
+IMPL_DTYPES = [pytest.param(impl, dtype, id=f"{impl}-{name}") for impl in IMPLS
+               for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
+               if not (impl == "native" and dtype != torch.float32)]
+POPULARITY = ["distinct", "uniform", "skewed", "identical"]
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
 @pytest.mark.parametrize("layout", ["prefill", "decode"])
-@pytest.mark.parametrize("kind", ["distinct", "uniform", "skewed", "identical"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", POPULARITY)
 @pytest.mark.parametrize("hidden", [64, 576])
 def test_shrink_expand_match_reference(hidden, dtype, kind, layout, impl):
     segments, x, base, (a_stack, b_stack, a_list, b_list) = make_batch(kind, layout, hidden, dtype, seed=hidden)
@@ -98,13 +114,31 @@ def _check_shrink(x, y, a_list, token_slots, atol, rtol):
         assert torch.isnan(y[t, r:]).all()
 
 
+@pytest.mark.parametrize("layout", ["prefill", "decode"])
+@pytest.mark.parametrize("kind", POPULARITY)
+@pytest.mark.parametrize("hidden", [64, 576])
+def test_native_is_bit_for_bit_the_segment_loop(hidden, kind, layout):
+    """The native loop calls the BLAS routine torch's matmul calls, with the same arguments: equal bits, which
+    is what keeps mixed batches equal to single-adapter PEFT token for token."""
+    segments, x, base, (a_stack, b_stack, _, _) = make_batch(kind, layout, hidden, torch.float32, seed=hidden + 1)
+    results = []
+    for shrink, expand in (IMPLS["loop"], IMPLS["native"]):
+        ranks = SLOT_RANKS if shrink is ops.shrink_loop else torch.tensor(SLOT_RANKS)
+        y, out = torch.full((segments.num_tokens, MAX_RANK), float("nan")), base.clone()
+        shrink(x, a_stack, segments, ranks, y)
+        expand(y, b_stack, segments, ranks, out)
+        results.append((y, out))
+    (y_loop, out_loop), (y_native, out_native) = results
+    assert torch.equal(y_loop.nan_to_num(7.0), y_native.nan_to_num(7.0)) and torch.equal(out_loop, out_native)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_expand_into_packed_slice_with_tensor_ranks(impl):
     """Adding into one column block of a packed q|k|v output leaves the other blocks alone
     (facade: out_slice; forced implementations: the column view the facade hands them)."""
     segments, x, _, (a_stack, b_stack, a_list, b_list) = make_batch("uniform", "decode", 64, torch.float32, 7)
     shrink, expand = IMPLS[impl]
-    ranks = torch.tensor(SLOT_RANKS) if impl == "facade" else SLOT_RANKS
+    ranks = torch.tensor(SLOT_RANKS) if impl in ("facade", "native") else SLOT_RANKS
     packed = torch.randn(segments.num_tokens, 3 * 64, generator=torch.Generator().manual_seed(1))
     out = packed.clone()
     y = shrink(x, a_stack, segments, ranks, torch.zeros(segments.num_tokens, MAX_RANK))
@@ -119,8 +153,9 @@ def test_expand_into_packed_slice_with_tensor_ranks(impl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_facade_on_many_decode_segments_takes_gather_path(dtype):
-    """128 decode tokens cycling over the slots (no merging): the facade picks gather and stays correct."""
+def test_facade_on_many_decode_segments(dtype):
+    """128 decode tokens cycling over the slots (no merging): without native kernels the rule picks gather;
+    the facade (native where built) stays correct."""
     gen = torch.Generator().manual_seed(3)
     seq_slots = [-1 if i % 10 == 9 else i % len(SLOT_RANKS) for i in range(128)]
     segments = compute_segments(seq_slots, [1] * 128)
@@ -144,7 +179,8 @@ def test_all_base_batch_is_a_no_op():
     assert torch.equal(out, before) and torch.isnan(y).all()
 
 
-# (num_adapter_tokens, num_segments, weight_elems, dtype, expected); rule from ops' measurement table.
+# (num_adapter_tokens, num_segments, weight_elems, dtype, expected) without the native kernels; rule from
+# ops' measurement table.
 CHOOSE_CASES = [
     (1, 1, 576 * 16, torch.float32, "loop"),  # one decode token
     (2048, 4, 576 * 16, torch.float32, "loop"),  # few long prefill segments
@@ -154,8 +190,21 @@ CHOOSE_CASES = [
     (512, 64, 576 * 16, torch.bfloat16, "loop"),  # 8 tokens per segment
     (128, 128, 2048 * 64, torch.float32, "loop"),  # gathered weights too large
 ]
+# (num_adapter_tokens, num_segments, dtype, expected) with them: native for every float32 step.
+NATIVE_CASES = [
+    (1, 1, torch.float32, "native"),
+    (128, 128, torch.float32, "native"),
+    (2048, 4, torch.float32, "native"),
+    (32, 32, torch.bfloat16, "gather"),  # float32 only
+    (2048, 4, torch.bfloat16, "loop"),
+]
 
 
 @pytest.mark.parametrize("tokens,segs,elems,dtype,expected", CHOOSE_CASES)
 def test_choose_table(tokens, segs, elems, dtype, expected):
     assert ops.choose(tokens, segs, elems, dtype) == expected
+
+
+@pytest.mark.parametrize("tokens,segs,dtype,expected", NATIVE_CASES)
+def test_choose_table_with_native_kernels(tokens, segs, dtype, expected):
+    assert ops.choose(tokens, segs, 576 * 16, dtype, has_native=True) == expected

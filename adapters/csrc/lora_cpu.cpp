@@ -1,0 +1,140 @@
+// Segmented LoRA shrink/expand for the CPU (float32): the segment loop of ops.py, in one call per op.
+//
+// A decode step with many adapters is many tiny matrix products, one or a few tokens per segment. As
+// torch matmuls from Python each costs ~10-20 us of dispatch, far more than its arithmetic. Here one call
+// walks all segments and hands each to the same BLAS routine (sgemm_) with the same arguments torch's own
+// `x @ w.T` uses. So every token's result is bit for bit the matmul's: a delta computed here equals PEFT's
+// F.linear on that token, which is what lets a mixed batch reproduce single-adapter PEFT token for token.
+//
+// Threads: a multi-token segment is one BLAS call from the calling thread, threaded by BLAS itself exactly
+// as torch's call would be (inside a parallel region BLAS runs single-threaded, and for several rows that
+// can change the last bits). Single-token segments, the bulk of a decode step, are products with one
+// vector, whose bits do not depend on threading; they are spread over torch's own thread pool
+// (at::parallel_for, so no second OpenMP pool). tests/test_lora_ops.py checks both bit for bit.
+//
+// Semantics, segment i = tokens [starts[i], ends[i]) on slot s = slots[i], r = ranks[s]:
+//   lora_shrink: out[starts[i]:ends[i], :r]  = x[starts[i]:ends[i]] @ a_stack[s, :r, :].T
+//   lora_expand: out[starts[i]:ends[i], :]  += y[starts[i]:ends[i], :r] @ b_stack[s, :, :r].T
+// a_stack [S, R, in], b_stack [S, n, R] (contiguous); segments [3, num_segments] int64 (starts, ends, slots);
+// ranks [S] int64. Tokens outside every segment (base-only) are not touched.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+// c[rows, cols] (row stride ldc) = x[rows, depth] (row stride ldx) @ w[cols, depth].T (row stride ldw).
+// Column-major view: c.T = op_T(w) @ x.T, exactly the call torch's addmm makes for a row-major x @ w.T.
+void linear_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, int64_t depth) {
+  const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(depth);
+  const int lda = static_cast<int>(ldw), ldb = static_cast<int>(ldx), ldc_ = static_cast<int>(ldc);
+  const float one = 1.f, zero = 0.f;
+  const char trans = 'T', no_trans = 'N';
+  sgemm_(&trans, &no_trans, &m, &n, &k, &one, w, &lda, x, &ldb, &zero, c, &ldc_);
+}
+
+struct SegmentTable {
+  const int64_t* starts;
+  const int64_t* ends;
+  const int64_t* slots;
+  int64_t size;
+};
+
+// fn(i) for every non-empty segment i: multi-token ones in order on this thread, then the single-token
+// ones in parallel.
+template <typename Fn>
+void for_each_segment(const SegmentTable& seg, const Fn& fn) {
+  for (int64_t i = 0; i < seg.size; ++i) {
+    if (seg.ends[i] - seg.starts[i] > 1) fn(i);
+  }
+  at::parallel_for(0, seg.size, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (seg.ends[i] - seg.starts[i] == 1) fn(i);
+    }
+  });
+}
+
+SegmentTable table_of(const at::Tensor& segments, const at::Tensor& ranks, int64_t num_slots) {
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(0) == 3 &&
+                  segments.is_contiguous(), "segments must be int64 [3, num_segments]");
+  TORCH_CHECK(ranks.scalar_type() == at::kLong && ranks.is_contiguous() && ranks.numel() == num_slots,
+              "ranks must be int64 [num_slots]");
+  const int64_t n = segments.size(1);
+  const int64_t* p = segments.data_ptr<int64_t>();
+  return {p, p + n, p + 2 * n, n};
+}
+
+void check_tensors(const at::Tensor& x, const at::Tensor& stack, const at::Tensor& out) {
+  for (const at::Tensor* t : {&x, &stack, &out}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "float32 CPU tensors only");
+  }
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
+              "x and out must be 2-D with contiguous rows");
+  TORCH_CHECK(stack.dim() == 3 && stack.is_contiguous(), "the slot stack must be a contiguous 3-D tensor");
+  TORCH_CHECK(x.size(0) == out.size(0), "x and out must have one row per token");
+}
+
+void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& segments,
+                 const at::Tensor& ranks, at::Tensor out) {
+  check_tensors(x, a_stack, out);
+  const int64_t max_rank = a_stack.size(1), in = a_stack.size(2);
+  TORCH_CHECK(x.size(1) == in && out.size(1) >= max_rank, "lora_shrink: shape mismatch");
+  const SegmentTable seg = table_of(segments, ranks, a_stack.size(0));
+  const int64_t* rank = ranks.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a_stack.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  for_each_segment(seg, [&](int64_t i) {
+    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
+    if (r == 0) return;
+    linear_rows(xp + start * ldx, ldx, ap + s * max_rank * in, in, op + start * ldo, ldo, len, r, in);
+  });
+}
+
+void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tensor& segments,
+                 const at::Tensor& ranks, at::Tensor out) {
+  check_tensors(y, b_stack, out);
+  const int64_t n = b_stack.size(1), max_rank = b_stack.size(2);
+  TORCH_CHECK(y.size(1) >= max_rank && out.size(1) == n, "lora_expand: shape mismatch");
+  const SegmentTable seg = table_of(segments, ranks, b_stack.size(0));
+  const int64_t* rank = ranks.data_ptr<int64_t>();
+  const float* yp = y.data_ptr<float>();
+  const float* bp = b_stack.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldy = y.stride(0), ldo = out.stride(0);
+  for_each_segment(seg, [&](int64_t i) {
+    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
+    if (r == 0) return;
+    // [len, n]: the product first, then one add, as torch's `out += y @ b.T` rounds
+    thread_local std::vector<float> delta;
+    delta.resize(len * n);
+    linear_rows(yp + start * ldy, ldy, bp + s * n * max_rank, max_rank, delta.data(), n, len, n, r);
+    for (int64_t t = 0; t < len; ++t) {
+      float* dst = op + (start + t) * ldo;
+      const float* src = delta.data() + t * n;
+      for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraplex, m) {
+  m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
+  m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
+  m.impl("lora_shrink", &lora_shrink);
+  m.impl("lora_expand", &lora_expand);
+}

@@ -1,0 +1,82 @@
+"""The CPU kernels of `csrc/lora_cpu.cpp`, compiled once per machine and torch version, then loaded.
+
+`make install` builds them (`python -m loraplex.adapters.native`); at run time `available()` only loads the
+cached library (or builds it once if it is missing). `LORAPLEX_NATIVE=0` turns them off; without a compiler
+the torch ops serve instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+# -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
+# so shares the runtime torch already loaded (one thread pool, not two).
+CFLAGS = ["-O3", "-fopenmp"]
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAPLEX_NATIVE", "1") != "0"
+
+
+def available() -> bool:
+    """True when torch.ops.loraplex.lora_shrink/lora_expand can be called (loads or builds on first call)."""
+    if "ok" not in _state:
+        _state["ok"] = enabled() and _load()
+    return bool(_state["ok"])
+
+
+def build_dir() -> Path:
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    root = Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
+    return root / "native" / key
+
+
+def _load() -> bool:
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        cpp_extension.load(name="loraplex_lora_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(directory), is_python_module=False, verbose=False)
+        log.debug("native LoRA kernels ready in %.1fs (%s)", time.perf_counter() - started, directory)
+        return hasattr(torch.ops.loraplex, "lora_shrink")
+    except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch ops still work
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        log.warning("native LoRA kernels unavailable, using torch ops: %s", _state["error"])
+        return False
+
+
+def error() -> str | None:
+    """Why the kernels are unavailable (None when they loaded or were never tried)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def main() -> int:
+    started = time.perf_counter()
+    if not enabled():
+        print("native LoRA kernels disabled (LORAPLEX_NATIVE=0)")
+        return 0
+    if not available():
+        print(f"native LoRA kernels could not be built: {error()}", file=sys.stderr)
+        return 1
+    print(f"native LoRA kernels ready in {time.perf_counter() - started:.1f}s ({build_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
