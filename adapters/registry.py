@@ -1,9 +1,11 @@
 """Which adapters exist and where they are: disk (the configured roots) -> host memory (LRU by bytes)
 -> device slots (a fixed number, LRU among those no request uses).
 
-A request's adapter is acquired when the request is added (on the caller's thread, so reading and
-validating files never stalls the decode loop) and released when it finishes. Concurrent first requests
-for one adapter read it once: they wait on that adapter's lock while the first one loads it.
+A request whose adapter is already in a slot takes a reference at once (`try_acquire_on_device`);
+otherwise the loader thread (`loader.py`) reads it and copies it into a slot (`try_acquire`), so reading
+files and copying never stall the decode loop. The reference is released when the request finishes.
+Concurrent first requests for one adapter read it once: they wait on that adapter's gate while the first
+one loads it.
 """
 
 import threading
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..server.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
+from ..server.errors import (FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError)
 from ..server.model.config import ModelConfig
 from .canonical import Adapter
@@ -61,7 +63,10 @@ class AdapterRegistry:
         self._host: OrderedDict[str, _Resident] = OrderedDict()   # least recently used first
         self._versions: dict[str, int] = {}                       # last version published per id
         self._stale: set[tuple[str, int]] = set()                 # slot keys to free at their last release
-        self._lock = threading.Lock()                             # guards everything above and the buffers
+        self._writing: set[tuple[str, int]] = set()               # slot keys whose copy is under way
+        self._failed: set[tuple[str, int]] = set()                # slot keys whose copy raised
+        self._lock = threading.Lock()                             # guards everything above
+        self._written = threading.Condition(self._lock)           # signalled when a slot copy ends
         self._loading: dict[str, threading.Lock] = {}
         self.loads = 0
 
@@ -83,9 +88,52 @@ class AdapterRegistry:
                 slot, _, fresh = self.slots.acquire(key)
             except NoFreeSlot:
                 return None
-            if fresh:
-                self.buffers.write(slot, resident.adapter)   # the slot's old adapter has no running request
+            if not fresh:
+                while key in self._writing:            # another thread is copying it in: wait for the copy
+                    self._written.wait()
+                if key in self._failed:
+                    self._release_locked(key)
+                    raise InternalError(f"adapter {adapter_id!r} could not be copied to a slot")
+                return slot, key
+            self._writing.add(key)
+        # Outside the lock (releases and admin calls go on meanwhile): the slot is ours, its old adapter
+        # has no running request, and `_writing` keeps others from using it before the copy ends.
+        try:
+            self.buffers.write(slot, resident.adapter)
+        except BaseException:
+            with self._lock:
+                self._writing.discard(key)
+                self._written.notify_all()
+                self._failed.add(key)
+                self._stale.add(key)              # freed at the last release
+                self._release_locked(key)
+            raise
+        with self._lock:
+            self._writing.discard(key)
+            self._written.notify_all()
+        return slot, key
+
+    def try_acquire_on_device(self, adapter_id: str) -> tuple[int, tuple[str, int]] | None:
+        """(slot, key) with one more reference when adapter_id's current version already sits in a slot;
+        None otherwise (then the loader brings it). Never reads or copies anything."""
+        with self._lock:
+            resident = self._host.get(adapter_id)
+            if resident is None:
+                return None
+            key = (adapter_id, resident.version)
+            if key not in self.slots or key in self._writing:
+                return None
+            self._host.move_to_end(adapter_id)
+            slot, _, _ = self.slots.acquire(key)
             return slot, key
+
+    def preload(self, adapter_id: str) -> None:
+        """Reads the adapter and copies it into a device slot with no request on it (start-up preload)."""
+        self.release(self.acquire(adapter_id)[1])
+
+    def check(self, adapter_id: str) -> None:
+        """Raises InvalidArgument for a malformed id and NotFound for one that no root holds."""
+        self._read_dir(adapter_id)
 
     def slots_all_pinned(self) -> bool:
         with self._lock:
@@ -94,9 +142,12 @@ class AdapterRegistry:
 
     def release(self, key: tuple[str, int]) -> None:
         with self._lock:
-            self.slots.release(key)
-            if key in self._stale and not self.slots.refs(key):
-                self._drop_slot(key)
+            self._release_locked(key)
+
+    def _release_locked(self, key: tuple[str, int]) -> None:
+        self.slots.release(key)
+        if key in self._stale and not self.slots.refs(key):
+            self._drop_slot(key)
 
     def _resident(self, adapter_id: str, refresh: bool = False) -> _Resident:
         with self._lock:
@@ -139,6 +190,7 @@ class AdapterRegistry:
 
     def _drop_slot(self, key: tuple[str, int]) -> None:
         self._stale.discard(key)
+        self._failed.discard(key)
         self.buffers.clear(self.slots.remove(key))
 
     def _read(self, adapter_id: str, directory: Path) -> Adapter:

@@ -10,6 +10,7 @@ while serving.
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from .canonical import Adapter
@@ -110,21 +111,34 @@ class SlotBuffers:
         self.ranks = {t: torch.zeros(num_layers, num_slots, dtype=torch.long) for t in shapes}
 
     def write(self, slot: int, adapter: Adapter) -> None:
-        """Copies the adapter into the slot; modules it lacks get rank 0 (and zeros)."""
+        """Copies the adapter into the slot; modules it lacks get rank 0. Rows past a module's rank keep
+        whatever they held: the ops never read a slot past its rank (and every value ever written is a
+        validated finite one), so a write costs only the adapter's own bytes."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {adapter.rank}, slots hold {self.max_rank}")
         self.clear(slot)
         for (layer, target), module in adapter.modules.items():
             r = module.rank
-            self.a[target][layer, slot, :r].copy_(module.a)
-            self.b[target][layer, slot, :, :r].copy_(module.b)
+            _copy(self.a[target][layer, slot, :r], module.a)
+            _copy(self.b[target][layer, slot, :, :r], module.b)
             self.ranks[target][layer, slot] = r
 
     def clear(self, slot: int) -> None:
-        for target in self.a:
-            self.a[target][:, slot].zero_()
-            self.b[target][:, slot].zero_()
-            self.ranks[target][:, slot] = 0
+        """The slot holds no adapter: rank 0 everywhere, so no op reads its rows."""
+        for ranks in self.ranks.values():
+            ranks[:, slot] = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src. On the CPU through numpy: a plain single-threaded copy, so the loader thread never
+    starts a torch thread pool of its own next to the engine's."""
+    if dst.device.type != "cpu":
+        dst.copy_(src, non_blocking=True)
+        return
+    src = src.to(dst.dtype)
+    if dst.dtype in (torch.bfloat16, torch.float16):   # numpy has no bfloat16: copy the bits
+        dst, src = dst.view(torch.int16), src.view(torch.int16)
+    numpy.copyto(dst.numpy(), src.numpy())

@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -45,7 +46,8 @@ class Settings:
     new_tokens: int = 32
     repeats: int = 2            # decode rounds, best kept
     online: bool = True
-    registered: int = 200       # adapters on disk for the online trace
+    registered: int = 2000      # adapters on disk for the online trace
+    distinct_files: int = 64    # distinct weight files behind them (hard links; see make_synthetic_adapters)
     zipf: float = 1.0           # popularity of the adapter ranked k is proportional to k^-zipf
     requests: int = 64
     rate: float = 8.0
@@ -58,10 +60,13 @@ class Settings:
     wait_quiet: bool = True
     max_foreign: float = 0.10
     retries: int = 1
+    background: bool = True     # ITL while adapters load in the background, and load-to-ready times
+    background_streams: int = 8
+    background_tokens: int = 192
 
 
-QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, requests=8, rate=20.0, min_out=4, max_out=10,
-             wait_quiet=False, online_slots=8)
+QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, distinct_files=4, requests=8, rate=20.0,
+             min_out=4, max_out=10, wait_quiet=False, online_slots=8, background_streams=2, background_tokens=24)
 
 
 # ---- adapters on disk ------------------------------------------------------------------------------------
@@ -82,9 +87,12 @@ def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) ->
     return names
 
 
-def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, seed: int) -> list[str]:
-    """n adapters written directly: the template's config and tensor names/shapes, fresh random values of
-    the template's scale (much faster than PEFT for hundreds of adapters)."""
+def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, seed: int,
+                            distinct: int) -> list[str]:
+    """n adapters named s0 .. s{n-1}: the template's config and tensor names/shapes with fresh random values
+    of the template's scale. Only `distinct` weight files are written; the other adapters hard-link one of
+    them, so 2,000 rank-16 adapters need ~1.2 GB of files (not 39 GB) and stay in the page cache. The
+    server still reads, validates and copies each id on its own, as separate adapters."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(template / "adapter_model.safetensors"))
@@ -95,8 +103,12 @@ def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, 
         d = root / f"s{i}"
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(template / "adapter_config.json", d / "adapter_config.json")
-        save_file({k: (torch.randn(v.shape, generator=gen) * scales[k]).to(v.dtype).contiguous()
-                   for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+        weights = d / "adapter_model.safetensors"
+        if i < distinct:
+            save_file({k: (torch.randn(v.shape, generator=gen) * scales[k]).to(v.dtype).contiguous()
+                       for k, v in tensors.items()}, str(weights))
+        else:
+            os.link(root / f"s{i % distinct}" / "adapter_model.safetensors", weights)
         names.append(f"s{i}")
     return names
 
@@ -236,16 +248,19 @@ def run(s: Settings, root: pathlib.Path) -> dict:
              decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": dataclasses.asdict(s), "machine": info, "decode": decode}
+    if s.online or s.background:
+        t0 = time.perf_counter()
+        many = make_synthetic_adapters(root / names[0], root, s.registered, s.seed, s.distinct_files)
+        log.info("wrote %d adapters in %.1f s", len(many), time.perf_counter() - t0)
     if s.online:
-        result["online"] = run_online(s, root, names[0])
+        result["online"] = run_online(s, root, many)
+    if s.background:
+        result["background"] = run_background(s, root, many)
     result["seconds"] = time.perf_counter() - started
     return result
 
 
-def run_online(s: Settings, root: pathlib.Path, template: str) -> dict:
-    t0 = time.perf_counter()
-    many = make_synthetic_adapters(root / template, root, s.registered, s.seed)
-    log.info("wrote %d adapters in %.1f s", len(many), time.perf_counter() - t0)
+def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
     stream = poisson_stream(s.requests, s.rate, s.seed, s.min_out, s.max_out)
     picks = zipf_choice(many, len(stream), s.zipf, s.seed)
     traces = {"many": picks, "one": [many[0]] * len(stream)}
@@ -264,6 +279,61 @@ def run_online(s: Settings, root: pathlib.Path, template: str) -> dict:
             "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
             "slots": s.online_slots, **out,
             "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
+
+
+IDLE_LOADS = 8
+
+
+def run_background(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
+    """Decode inter-token latency of a steady batch on one adapter, alone and while other adapters load back
+    to back through the loader (read from disk, validated, copied into a slot), plus load-to-ready times."""
+    prompts = decode_prompts(s.background_streams)
+    hot = [many[0]] * len(prompts)
+    with engine_running(root, s.online_slots, s.rank, s) as engine:
+        ours_decode(engine, prompts[:1], hot[:1], s.prompt_tokens, 4)              # warm-up, puts s0 in a slot
+        idle = [load_to_ready(engine, a) for a in many[1:1 + IDLE_LOADS]]          # nothing else running
+        steady = stream_itl(engine, prompts, hot, s)
+        queue = iter(many[1 + IDLE_LOADS:])
+        stop, busy_loads = threading.Event(), []
+
+        def load_continuously():
+            for adapter in queue:
+                if stop.is_set():
+                    return
+                busy_loads.append(load_to_ready(engine, adapter))
+
+        loader = threading.Thread(target=load_continuously)
+        loader.start()
+        time.sleep(0.2)                                            # loads under way before the batch starts
+        busy = stream_itl(engine, prompts, hot, s)
+        stop.set()
+        loader.join()
+    out = {"streams": len(prompts), "tokens": s.background_tokens, "steady": steady, "loading": busy,
+           "loads_during": len(busy_loads),
+           "load_to_ready_idle_p50_s": float(np.percentile(idle, 50)),
+           "load_to_ready_busy_p50_s": float(np.percentile(busy_loads, 50)) if busy_loads else None,
+           "itl_p99_ratio_loading_vs_steady": busy["itl_p99_s"] / steady["itl_p99_s"]}
+    log.info("background loads: ITL p99 %.4f s steady, %.4f s with %d loads (x%.2f); load-to-ready p50 %.3f s "
+             "idle, %s s busy", steady["itl_p99_s"], busy["itl_p99_s"], len(busy_loads),
+             out["itl_p99_ratio_loading_vs_steady"], out["load_to_ready_idle_p50_s"], out["load_to_ready_busy_p50_s"])
+    return out
+
+
+def load_to_ready(engine, adapter_id: str) -> float:
+    """Seconds from asking the loader until the adapter sits in a device slot (as LoadAdapter + preload)."""
+    started = time.perf_counter()
+    engine.loader.call(lambda: engine.registry.preload(adapter_id)).result()
+    return time.perf_counter() - started
+
+
+def stream_itl(engine, prompts: list[str], adapters: list[str], s: Settings) -> dict:
+    rec = Recorder(len(prompts))
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(_request(prompt, adapter, s.background_tokens, s.prompt_tokens), rec.sink(i))
+    rec.wait()
+    itl = np.concatenate([np.diff(times[1:]) for times in rec.token_times])   # decode steps only
+    return {"itl_p50_s": float(np.percentile(itl, 50)), "itl_p99_s": float(np.percentile(itl, 99)),
+            "itl_max_s": float(itl.max()), "samples": int(itl.size)}
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
@@ -303,12 +373,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loraplex.bench.adapters_bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run; writes to a temp dir by default")
     p.add_argument("--no-online", action="store_true", help="skip the online power-law trace")
+    p.add_argument("--no-background", action="store_true", help="skip the background-loading measurement")
     p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet CPU")
     p.add_argument("--out", help="folder for adapters.json/png [default docs/benchmarks]")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     s = Settings(**(QUICK if args.quick else {}))
     s.online = not args.no_online
+    s.background = not args.no_background
     if args.no_wait:
         s.wait_quiet = False
     out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-adapters-quick") if args.quick
@@ -325,6 +397,8 @@ def main(argv=None) -> int:
         print(json.dumps({k: {m: o[k][m] for m in ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s",
                                                   "itl_p99_s")} for k in ("many", "one")}, indent=1))
         print("online throughput ratio many/one:", round(o["throughput_ratio_many_vs_one"], 3))
+    if "background" in result:
+        print(json.dumps({k: v for k, v in result["background"].items()}, indent=1))
     print("wrote", out / "adapters.json", out / "adapters.png")
     return 0
 

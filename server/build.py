@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ServerConfig
+from .errors import LoraplexError
 from .engine.engine import Engine, EngineLimits
 from .engine.kv_cache import BlockManager
 from .engine.runner import ModelRunner
@@ -92,6 +93,12 @@ def _adapters(config: ServerConfig, model, device, dtype):
     attach_lora(model, step, lambda target: shapes[target][1])
     registry = AdapterRegistry([pathlib.Path(r) for r in roots], model.config, buffers, config.adapter_slots,
                                config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype)
+    for adapter_id in config.adapter_preload_ids():
+        try:
+            registry.preload(adapter_id)
+        except LoraplexError as exc:
+            raise ValueError(f"preloading adapter {adapter_id!r} failed: {exc}") from None
+        log.info("preloaded adapter %s", adapter_id)
     return registry, step
 
 

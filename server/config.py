@@ -37,6 +37,8 @@ class ServerConfig:
     adapter_slots: int = _opt(8, "adapters held on the device at once")
     adapter_host_cache_mb: int = _opt(1024, "host memory for adapters read from disk, in MiB")
     adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
+    adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
+                                    "','; a failing one stops the start")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")
@@ -61,9 +63,17 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if self.adapter_preload_ids() and not self.adapter_root_paths():
+            raise ValueError("adapter_preload needs adapter_roots")
+        if len(self.adapter_preload_ids()) > self.adapter_slots:
+            raise ValueError(f"adapter_preload names {len(self.adapter_preload_ids())} adapters but there are "
+                             f"only {self.adapter_slots} adapter_slots")
 
     def adapter_root_paths(self) -> list[str]:
         return [p for p in self.adapter_roots.split(":") if p]
+
+    def adapter_preload_ids(self) -> list[str]:
+        return [i.strip() for i in self.adapter_preload.split(",") if i.strip()]
 
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...adapters.loader import SlotLoader
 from ..errors import InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError
 from .prompt import encode_prompt, truncate
 from .request import GenerationRequest
@@ -49,6 +50,7 @@ class Engine:
         self.limits = limits
         self.eos_ids = eos_ids
         self.registry = registry      # adapters; None = adapters off
+        self.loader = SlotLoader(registry, self._adapter_ready) if registry is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
@@ -58,12 +60,13 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
-        if request.adapter_id and self.registry is None:
-            raise NotFoundError(f"adapter {request.adapter_id!r} not found (this server has no adapter roots)")
+        adapter_id = request.adapter_id
+        if adapter_id:
+            if self.registry is None:
+                raise NotFoundError(f"adapter {adapter_id!r} not found (this server has no adapter roots)")
+            self.registry.check(adapter_id)              # a bad or unknown id fails the call at once
         seq = self._new_sequence(request, sink)
-        if request.adapter_id:
-            # may read it from disk: on the caller's thread, off the decode loop; with every slot busy the
-            # request waits (without holding up others) until a running one gives a slot back
+        if adapter_id:
             self._take_slot(seq)
         try:
             with self._lock:
@@ -75,34 +78,39 @@ class Engine:
         except Exception:
             self._release_adapter(seq)
             raise
+        if seq.adapter_pending:
+            # read and copied into a slot by the loader thread; the request waits without holding up others
+            self.loader.submit(seq, adapter_id)
         return seq
 
     def _take_slot(self, seq: Sequence) -> None:
-        got = self.registry.try_acquire(seq.request.adapter_id)
+        got = self.registry.try_acquire_on_device(seq.request.adapter_id)
         if got is None and self.registry.slots_all_pinned():
             raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
         _assign_slot(seq, got)
 
-    def _retry_pending_slots(self) -> list:
-        """Waiting requests whose adapter had no free slot try again (the adapter is in memory by now).
-        Returns (sequence, output) for those that can no longer run (their adapter went away)."""
-        failed = []
-        for seq in list(self.scheduler.waiting):
-            if not seq.adapter_pending:
-                continue
-            try:
-                got = self.registry.try_acquire(seq.request.adapter_id)
-            except LoraplexError as exc:
+    def _adapter_ready(self, seq: Sequence, got: tuple | None, error: LoraplexError | None) -> None:
+        """The loader's answer for a waiting request: its slot, or why its adapter cannot be served."""
+        out = None
+        with self._lock:
+            if seq.status is Status.FINISHED:            # aborted while it waited
+                if got is not None:
+                    self.registry.release(got[1])
+                return
+            if error is not None:
                 self._finish(seq, StopReason.ERROR)
-                failed.append((seq, self._output(seq, "", [], True, StopReason.ERROR, error=exc)))
-                continue
-            _assign_slot(seq, got)
-        return failed
+                out = self._output(seq, "", [], True, StopReason.ERROR, error=error)
+            else:
+                _assign_slot(seq, got)
+                self._wake.notify()
+        if out is not None:
+            seq.sink(out)
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_key is not None:
             self.registry.release(seq.adapter_key)
             seq.slot, seq.adapter_key = -1, None
+            self.loader.slot_released()
 
     def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
@@ -163,6 +171,8 @@ class Engine:
             self._wake.notify()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.loader is not None:
+            self.loader.stop()
 
     def _loop(self) -> None:
         while True:
@@ -171,14 +181,11 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                failed = self._retry_pending_slots() if self.registry is not None else []
                 batch = self.scheduler.schedule()
-                if batch is None:        # only requests waiting for an adapter slot: wait for a release
-                    self._wake.wait(0.01)
+                if batch is None:        # only requests waiting for their adapter: the loader wakes us
+                    self._wake.wait(0.05)
                 for seq in batch.seqs if batch else ():
                     seq.in_step = True
-            for seq, out in failed:
-                seq.sink(out)
             if batch is None:
                 continue
             self._run(batch)

@@ -22,8 +22,9 @@ def to_info(status: AdapterStatus) -> pb.AdapterInfo:
 
 
 class AdapterService(pb_grpc.AdapterServiceServicer):
-    def __init__(self, registry: AdapterRegistry):
+    def __init__(self, registry: AdapterRegistry, loader=None):
         self.registry = registry
+        self.loader = loader          # runs loads on the adapter loader thread, beside slot jobs
 
     async def ListAdapters(self, request, context):
         statuses = await self._call(context, self.registry.catalog)
@@ -33,15 +34,19 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         return to_info(await self._call(context, lambda: self.registry.describe(_id(request))))
 
     async def LoadAdapter(self, request, context):
-        return to_info(await self._call(context, lambda: self.registry.load(_id(request), request.pin)))
+        load = lambda: self.registry.load(_id(request), request.pin)   # noqa: E731
+        return to_info(await self._call(context, load, on_loader=True))
 
     async def UnloadAdapter(self, request, context):
         return to_info(await self._call(context, lambda: self.registry.unload(_id(request))))
 
-    async def _call(self, context, fn, *args):
-        """Registry calls may read files: run them on an executor thread; map errors to statuses."""
+    async def _call(self, context, fn, on_loader: bool = False):
+        """Registry calls may read files: run them off the event loop (loads on the adapter loader thread,
+        the rest on an executor thread); map errors to statuses."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            if on_loader and self.loader is not None:
+                return await asyncio.wrap_future(self.loader.call(fn))
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
         except LoraplexError as exc:
             await abort_with(context, exc)
 

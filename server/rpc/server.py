@@ -42,7 +42,7 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) 
     if engine.registry is not None and config.adapter_service:
         from .adapters import AdapterService
 
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.registry), server)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.registry, engine.loader), server)
         services += (ADAPTERS,)
     health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
