@@ -1,15 +1,14 @@
-"""The adapter loader: one background thread that does all adapter loading work.
+"""The adapter loader: background threads that do all adapter loading work, off the decode loop.
 
-Reading, validating and normalizing an adapter and copying it into a slot all happen here, never on the
-decode loop, so running requests keep decoding while adapters load. Two kinds of jobs:
+Reading, validating and normalizing an adapter and copying it into a slot never happen on the decode loop,
+so running requests keep decoding while adapters load. Two kinds of work, on two threads:
 - slot jobs, for requests whose adapter is not in a device slot yet: done when the adapter is in one (or
-  failed); a job that finds every slot busy stays first in line and is retried when a slot is released;
-- calls, for administration (LoadAdapter): any registry function, run here and answered through a future.
-
-The thread runs at a low CPU priority (nice LOADER_NICE): on a machine whose cores the engine keeps busy,
-loading takes the time decoding leaves over instead of stretching decode steps. One thread does it all, so
-torch work from loads never opens more than one extra thread pool, and 50 first requests for one adapter
-read it once (the registry's per-adapter gate does the rest).
+  failed); a job that finds every slot busy stays first in line and is retried when a slot is released.
+  A request is waiting on them, so they run at normal CPU priority;
+- calls, for administration (LoadAdapter): any registry function, answered through a future, on a thread
+  whose CPU niceness is a setting (`--adapter-loader-nice`): on a machine whose cores the engine keeps busy,
+  a high value makes such background loads take the time decoding leaves over instead of stretching steps.
+50 first requests for one adapter read it once (one slot-job thread, and the registry's per-adapter gate).
 """
 
 from __future__ import annotations
@@ -29,21 +28,19 @@ log = logging.getLogger(__name__)
 # on_done(token, got, error): got = (slot, key) on success; error = the LoraplexError otherwise.
 Done = Callable[[object, tuple | None, LoraplexError | None], None]
 RETRY_S = 0.05    # a job waiting for a slot is retried at least this often (releases also wake the thread)
-LOADER_NICE = 10  # Linux CFS weight 110 against the engine's 1024: ~10% of a core when both want it
 
 
 class SlotLoader:
-    def __init__(self, registry, on_done: Done, nice: int = LOADER_NICE):
+    def __init__(self, registry, on_done: Done, background_nice: int = 0):
         self.registry = registry
         self.on_done = on_done
-        self.nice = nice
         self._jobs: deque[tuple[object, str, float]] = deque()   # (token, adapter_id, submitted at)
-        self._calls: deque[tuple[Callable, Future]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self.ready_seconds: deque[float] = deque(maxlen=1024)     # submit -> in a slot, recent slot jobs
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
+        self._calls = _Calls(background_nice)
 
     def submit(self, token: object, adapter_id: str) -> None:
         """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
@@ -52,12 +49,8 @@ class SlotLoader:
             self._cond.notify()
 
     def call(self, fn: Callable) -> Future:
-        """fn() on the loader thread (before waiting slot jobs); its result or exception in the future."""
-        future: Future = Future()
-        with self._cond:
-            self._calls.append((fn, future))
-            self._cond.notify()
-        return future
+        """fn() on the background-load thread; its result or exception in the future."""
+        return self._calls.submit(fn)
 
     def slot_released(self) -> None:
         with self._cond:
@@ -67,27 +60,23 @@ class SlotLoader:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self._calls.stop()
         self._thread.join(5)
 
     def _run(self) -> None:
-        _lower_priority(self.nice)
         while True:
             with self._cond:
-                while not self._jobs and not self._calls and not self._stopping:
+                while not self._jobs and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                calls = list(self._calls)
-                self._calls.clear()
                 jobs = list(self._jobs)
-            for fn, future in calls:
-                _run_call(fn, future)
             waiting = [job for job in jobs if not self._serve(*job)]
             with self._cond:
                 for _ in range(len(jobs)):
                     self._jobs.popleft()
                 self._jobs.extendleft(reversed(waiting))      # still first in line, ahead of new jobs
-                if len(waiting) == len(jobs) and jobs and not self._calls and not self._stopping:
+                if len(waiting) == len(jobs) and not self._stopping:
                     self._cond.wait(RETRY_S)                   # every slot busy: wait for a release
 
     def _serve(self, token: object, adapter_id: str, submitted: float) -> bool:
@@ -108,6 +97,41 @@ class SlotLoader:
         return True
 
 
+class _Calls:
+    """One thread running submitted functions in order, at the given niceness."""
+
+    def __init__(self, nice: int):
+        self.nice = nice
+        self._queue: deque[tuple[Callable, Future] | None] = deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="loraplex-adapter-admin", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable) -> Future:
+        future: Future = Future()
+        with self._cond:
+            self._queue.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        _set_nice(self.nice)
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                item = self._queue.popleft()
+            if item is None:
+                return
+            _run_call(*item)
+
+
 def _run_call(fn: Callable, future: Future) -> None:
     if not future.set_running_or_notify_cancel():
         return
@@ -117,8 +141,10 @@ def _run_call(fn: Callable, future: Future) -> None:
         future.set_exception(exc)
 
 
-def _lower_priority(nice: int) -> None:
+def _set_nice(nice: int) -> None:
     """Per-thread niceness (Linux: a thread is its own scheduling entity); a no-op where unsupported."""
+    if not nice:
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError, PermissionError):

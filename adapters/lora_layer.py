@@ -37,7 +37,7 @@ class LoraLinear(nn.Module):
         self.step = step
         # Views of this layer's rows of the slot buffers, taken once: slot writes update them in place.
         buffers = step.buffers
-        self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.ranks[t][layer], offset, size)
+        self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.device_ranks[t][layer], offset, size)
                        for t, offset, size in targets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

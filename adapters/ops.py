@@ -6,7 +6,9 @@ slot. Per layer the adapters live in preallocated stacked buffers, one row per d
 A slot's live rank `ranks[s]` may be below `max_rank`; rows/columns beyond it are unused and may hold stale
 finite values, so no implementation reads them into a result.
 
-Three implementations, picked per call by `choose` (callers never pick):
+Four implementations, picked per call by `choose` (callers never pick):
+- "triton": the kernels of `triton_ops.py`, for CUDA tensors when triton is installed (one launch per op,
+            one program per token and output block).
 - "native": the segment loop in C++ (`csrc/lora_cpu.cpp`, built by `native.py`): one call per op for all
             segments, each segment through the same BLAS call as torch's matmul, so results are bit for bit
             the loop's. Taken for float32 on the CPU whenever it is built.
@@ -63,13 +65,15 @@ NATIVE_DTYPES = (torch.float32,)
 
 
 def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype,
-           has_native: bool = False) -> str:
-    """"native" (when built, on the CPU) for float32; else "gather" for many tiny segments whose gathered
-    weights stay small; else "loop".
+           has_native: bool = False, has_triton: bool = False) -> str:
+    """"triton" on CUDA when installed; "native" (when built, on the CPU) for float32; else "gather" for many
+    tiny segments whose gathered weights stay small; else "loop".
 
     weight_elems: elements of one slot's matrix as the op reads it (present max rank * features); the
     gather path copies num_tokens of them.
     """
+    if has_triton:
+        return "triton"
     if has_native and dtype in NATIVE_DTYPES:
         return "native"
     if num_segments < GATHER_MIN_SEGMENTS.get(dtype, GATHER_MIN_SEGMENTS[torch.float32]):
@@ -92,6 +96,8 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, rank
     if not len(segments):
         return out
     impl = _pick(segments, ranks, x, x.shape[1])
+    if impl == "triton":
+        return _triton().shrink(x, a_stack, segments.token_slots, _as_tensor(ranks, x.device), out)
     if impl == "native":
         return shrink_native(x, a_stack, segments, ranks, out)
     ranks = _as_list(ranks)
@@ -112,7 +118,9 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
         return out
     target = out if out_slice is None else out[:, out_slice[0]:out_slice[0] + out_slice[1]]
     impl = _pick(segments, ranks, y, b_stack.shape[1])
-    if impl == "native":
+    if impl == "triton":
+        _triton().expand(y, b_stack, segments.token_slots, _as_tensor(ranks, y.device), target)
+    elif impl == "native":
         expand_native(y, b_stack, segments, ranks, target)
     else:
         ranks = _as_list(ranks)
@@ -121,6 +129,8 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
 
 
 def _pick(segments: Segments, ranks: Ranks, x: torch.Tensor, features: int) -> str:
+    if x.is_cuda and _triton().available():
+        return "triton"
     has_native = x.device.type == "cpu" and native.available()
     if has_native and x.dtype in NATIVE_DTYPES:
         return "native"  # as `choose` would, without the host pass over the ranks that `elems` needs
@@ -193,8 +203,16 @@ def reference_lora(x: torch.Tensor, a_list: list[torch.Tensor], b_list: list[tor
     return delta
 
 
-def _as_tensor(ranks: Ranks) -> torch.Tensor:
-    return ranks if isinstance(ranks, torch.Tensor) else torch.tensor(ranks, dtype=torch.long)
+def _triton():
+    """Imported on first CUDA use only: triton is optional, and TRITON_INTERPRET is read when it loads."""
+    from loraplex.adapters import triton_ops
+    return triton_ops
+
+
+def _as_tensor(ranks: Ranks, device: torch.device | str = "cpu") -> torch.Tensor:
+    if isinstance(ranks, torch.Tensor):
+        return ranks.to(device, non_blocking=True)      # the tensor itself when it is there already
+    return torch.tensor(ranks, dtype=torch.long, device=device)
 
 
 def _as_list(ranks: Ranks) -> list[int]:

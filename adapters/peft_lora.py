@@ -60,6 +60,7 @@ def load_peft_lora(adapter_dir: Path, adapter_id: str, model: ModelConfig, max_r
     rank, alpha = _check_config(config, max_rank)
     tensors = _read_tensors(adapter_dir)
     pairs = _pair_tensors(tensors, config.get("target_modules"))
+    _check_finite(pairs)
     scaling = alpha / rank
     modules = {key: _module(key, a, b, model, rank, scaling, dtype) for key, (a, b) in pairs.items()}
     _check_layers(modules, config.get("layers_to_transform"), model)
@@ -178,16 +179,25 @@ def _check_listed(name: str, path: str, target_modules) -> None:
                                  f"{CONFIG_FILE} target_modules {target_modules!r}")
 
 
+def _check_finite(pairs: dict[tuple[int, str], tuple]) -> None:
+    """Every factor floating point with finite values. One fused call over all tensors (loads run beside
+    decoding, so their Python and dispatch time counts): a norm is finite iff every value is finite and
+    the values are far below float32's range."""
+    named = [(f"layer {layer} {target} {factor}", tensor) for (layer, target), pair in pairs.items()
+             for factor, tensor in zip(("lora_A", "lora_B"), pair)]
+    for where, tensor in named:
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{where}: dtype {tensor.dtype} is not floating point")
+    norms = torch.stack(torch._foreach_norm([t.float() for _, t in named]))
+    for index in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+        raise AdapterFormatError(f"{named[index][0]}: holds NaN or inf values (or values too large to serve)")
+
+
 def _module(key: tuple[int, str], a: torch.Tensor, b: torch.Tensor, model: ModelConfig, rank: int,
             scaling: float, dtype: torch.dtype) -> LoraModule:
     layer, target = key
     where = f"layer {layer} {target}"
     in_features, out_features = in_out_features(model, target)
-    for factor, tensor in (("lora_A", a), ("lora_B", b)):
-        if not tensor.is_floating_point():
-            raise AdapterFormatError(f"{where} {factor}: dtype {tensor.dtype} is not floating point")
-        if not torch.isfinite(tensor).all():
-            raise AdapterFormatError(f"{where} {factor}: holds NaN or inf values")
     # PEFT stores lora_A as [r, in] and lora_B as [out, r].
     if a.dim() != 2 or a.shape[1] != in_features:
         raise AdapterFormatError(f"{where} lora_A: shape {tuple(a.shape)} does not fit the base model "
@@ -199,7 +209,7 @@ def _module(key: tuple[int, str], a: torch.Tensor, b: torch.Tensor, model: Model
         raise AdapterFormatError(f"{where}: rank of lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
                                  f"differs from the config's r={rank}")
     # Fold alpha / r into b in float32, then cast once: the hot path computes x @ a.T @ b.T only.
-    scaled_b = (b.to(torch.float32) * scaling).to(dtype).contiguous()
+    scaled_b = (b.to(torch.float32) * scaling).to(dtype)           # a new, contiguous tensor
     return LoraModule(a=a.to(dtype).contiguous(), b=scaled_b)
 
 

@@ -10,7 +10,6 @@ while serving.
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy
 import torch
 
 from .canonical import Adapter
@@ -109,6 +108,10 @@ class SlotBuffers:
         self.b = {t: torch.zeros(num_layers, num_slots, o, max_rank, dtype=dtype, device=device)
                   for t, (_, o) in shapes.items()}
         self.ranks = {t: torch.zeros(num_layers, num_slots, dtype=torch.long) for t in shapes}
+        # What the ops read: the host ranks themselves on the CPU, a mirror next to the buffers elsewhere
+        # (a GPU kernel reads ranks on the device; slot writes are rare, so the mirror is updated there).
+        self.device_ranks = self.ranks if torch.device(device).type == "cpu" else {
+            t: r.to(device) for t, r in self.ranks.items()}
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Copies the adapter into the slot; modules it lacks get rank 0. Rows past a module's rank keep
@@ -117,28 +120,27 @@ class SlotBuffers:
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {adapter.rank}, slots hold {self.max_rank}")
         self.clear(slot)
+        dst, src = [], []
         for (layer, target), module in adapter.modules.items():
             r = module.rank
-            _copy(self.a[target][layer, slot, :r], module.a)
-            _copy(self.b[target][layer, slot, :, :r], module.b)
+            dst += [self.a[target][layer, slot, :r], self.b[target][layer, slot, :, :r]]
+            src += [module.a, module.b]
             self.ranks[target][layer, slot] = r
+        # One fused call for all copies: loads run beside decoding, so their Python time counts.
+        torch._foreach_copy_(dst, src, non_blocking=True)
+        self._mirror(slot)
 
     def clear(self, slot: int) -> None:
         """The slot holds no adapter: rank 0 everywhere, so no op reads its rows."""
         for ranks in self.ranks.values():
             ranks[:, slot] = 0
+        self._mirror(slot)
+
+    def _mirror(self, slot: int) -> None:
+        if self.device_ranks is not self.ranks:
+            for target, ranks in self.ranks.items():
+                self.device_ranks[target][:, slot].copy_(ranks[:, slot], non_blocking=True)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
-
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src. On the CPU through numpy: a plain single-threaded copy, so the loader thread never
-    starts a torch thread pool of its own next to the engine's."""
-    if dst.device.type != "cpu":
-        dst.copy_(src, non_blocking=True)
-        return
-    src = src.to(dst.dtype)
-    if dst.dtype in (torch.bfloat16, torch.float16):   # numpy has no bfloat16: copy the bits
-        dst, src = dst.view(torch.int16), src.view(torch.int16)
-    numpy.copyto(dst.numpy(), src.numpy())

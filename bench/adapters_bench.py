@@ -63,6 +63,7 @@ class Settings:
     background: bool = True     # ITL while adapters load in the background, and load-to-ready times
     background_streams: int = 8
     background_tokens: int = 192
+    loader_nice: int = 10       # the server's --adapter-loader-nice
 
 
 QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, distinct_files=4, requests=8, rate=20.0,
@@ -119,7 +120,8 @@ def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings
     from loraplex.server.build import launch_engine
 
     config = ServerConfig(max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
-                          adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank)
+                          adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank,
+                          adapter_loader_nice=s.loader_nice)
     engine, _ = launch_engine(config)
     try:
         yield engine

@@ -69,7 +69,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens), tuple(sorted(eos)),
-                    registry)
+                    registry, config.adapter_loader_nice)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
                                    "nf4", window, cfg.vocab_size)

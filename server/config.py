@@ -37,6 +37,8 @@ class ServerConfig:
     adapter_slots: int = _opt(8, "adapters held on the device at once")
     adapter_host_cache_mb: int = _opt(1024, "host memory for adapters read from disk, in MiB")
     adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
+    adapter_loader_nice: int = _opt(10, "CPU niceness (0-19) of background adapter loads (LoadAdapter); higher "
+                                        "= they yield more to decoding. Loads a request waits for run at 0")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
                                     "','; a failing one stops the start")
     host: str = _opt("127.0.0.1", "address to listen on")
@@ -63,6 +65,8 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if not 0 <= self.adapter_loader_nice <= 19:
+            raise ValueError(f"adapter_loader_nice must be within 0..19, got {self.adapter_loader_nice}")
         if self.adapter_preload_ids() and not self.adapter_root_paths():
             raise ValueError("adapter_preload needs adapter_roots")
         if len(self.adapter_preload_ids()) > self.adapter_slots:

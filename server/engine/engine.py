@@ -43,14 +43,14 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, limits: EngineLimits,
-                 eos_ids: tuple[int, ...], registry=None):
+                 eos_ids: tuple[int, ...], registry=None, loader_nice: int = 0):
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos_ids = eos_ids
         self.registry = registry      # adapters; None = adapters off
-        self.loader = SlotLoader(registry, self._adapter_ready) if registry is not None else None
+        self.loader = SlotLoader(registry, self._adapter_ready, loader_nice) if registry is not None else None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
