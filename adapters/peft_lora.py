@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from loraplex.adapters.canonical import TARGETS, Adapter, LoraModule
+from loraplex.adapters.tensor_file import TensorFileError, read_tensors
 from loraplex.server.model.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -125,8 +124,8 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
             raise AdapterFormatError(f"{pickled[0]} refused: safetensors only ({WEIGHTS_FILE} is missing)")
         raise AdapterFormatError(f"{WEIGHTS_FILE} is missing in {adapter_dir}")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return read_tensors(path)
+    except (TensorFileError, OSError) as e:
         raise AdapterFormatError(f"{WEIGHTS_FILE} is corrupt or truncated: {e}") from None
 
 

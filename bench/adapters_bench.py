@@ -246,6 +246,7 @@ def run(s: Settings, root: pathlib.Path) -> dict:
               "ours_distinct_vs_peft_mixed": best["ours_distinct"] / best["peft_mixed"],
               "ours_distinct_vs_ours_base": best["ours_distinct"] / best["ours_base"],
               "peft_mixed_vs_peft_base": best["peft_mixed"] / best["peft_base"]}
+    decode.update(bandwidth_floor(best["ours_base"], b, s))
     log.info("decode: ours-distinct/PEFT-mixed %.2fx, ours-distinct/ours-base %.3f",
              decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -281,6 +282,35 @@ def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
             "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
             "slots": s.online_slots, **out,
             "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
+
+
+def bandwidth_floor(base_tok_s: float, batch: int, s: Settings) -> dict:
+    """The best ours-distinct/ours-base ratio this machine allows: a step must at least read every distinct
+    adapter's factors once (float32, as served), at the read bandwidth measured here."""
+    from transformers import AutoConfig
+
+    from loraplex.adapters.peft_lora import in_out_features
+    from loraplex.server.model.config import ModelConfig
+    from loraplex.server.model.store import default_model_dir
+
+    model_dir = default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir()))
+    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
+    per_layer = sum(s.rank * (i + o) for i, o in (in_out_features(cfg, t) for t in TARGETS))
+    adapter_bytes = per_layer * cfg.num_layers * 4
+    big = torch.ones(64 * 2**20)                                  # 256 MiB, far past the caches
+    bandwidth = max(isolated(lambda: _read_rate(big)) for _ in range(3))
+    base_step = batch / base_tok_s
+    lora_step = batch * adapter_bytes / bandwidth
+    return {"adapter_bytes": adapter_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
+            "adapter_read_ms_per_step": lora_step * 1e3, "base_step_ms": base_step * 1e3,
+            "floor_ratio_vs_base": base_step / (base_step + lora_step)}
+
+
+def _read_rate(t: torch.Tensor) -> float:
+    t.sum()
+    started = time.perf_counter()
+    t.sum()
+    return t.numel() * t.element_size() / (time.perf_counter() - started)
 
 
 IDLE_LOADS = 8
@@ -345,9 +375,11 @@ def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     d = result["decode"]
-    online = result.get("online")
-    fig, axes = plt.subplots(1, 2 if online else 1, figsize=(11 if online else 6, 4.2), squeeze=False)
-    ax = axes[0][0]
+    online, background = result.get("online"), result.get("background")
+    panels = 1 + bool(online) + bool(background)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    ax = axes.pop(0)
     labels = ["ours\n16 distinct", "ours\nbase only", "PEFT\n16 mixed", "PEFT\nbase only"]
     labels = [l.replace("16", str(d["adapters"])) for l in labels]
     values = [d["ours_distinct_tok_s"], d["ours_base_tok_s"], d["peft_mixed_tok_s"], d["peft_base_tok_s"]]
@@ -357,13 +389,26 @@ def plot(result: dict, path: pathlib.Path) -> None:
     ax.set_title(f"Decode, batch {d['batch']}, {d['new_tokens']} new tokens, rank {d['rank']} on 7 projections",
                  fontsize=9)
     if online:
-        ax = axes[0][1]
+        ax = axes.pop(0)
         vals = [online["many"]["throughput_tok_s"], online["one"]["throughput_tok_s"]]
         bars = ax.bar([f"{online['registered_adapters']} adapters\n(power law)", "one adapter"], vals,
                       color=["#1f77b4", "#9ecae1"])
         ax.bar_label(bars, fmt="%.0f")
         ax.set_ylabel("output tokens/s")
         ax.set_title(f"Online: {online['requests']} Poisson requests at {online['rate_per_s']:g}/s", fontsize=9)
+    if background:
+        ax = axes.pop(0)
+        steady, loading = background["steady"], background["loading"]
+        x = np.arange(2)
+        for i, (label, run) in enumerate((("steady", steady), (f"{background['loads_during']} loads meanwhile",
+                                                                 loading))):
+            bars = ax.bar(x + (i - 0.5) * 0.38, [run["itl_p50_s"] * 1e3, run["itl_p99_s"] * 1e3], 0.38,
+                          label=label, color=["#9ecae1", "#1f77b4"][i])
+            ax.bar_label(bars, fmt="%.0f")
+        ax.set_xticks(x, ["ITL p50", "ITL p99"])
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Decode of {background['streams']} streams while adapters load", fontsize=9)
     fig.suptitle(f"{result['machine']['model']} NF4 on {result['machine']['cpu']} "
                  f"({result['machine']['cores']} cores)", fontsize=9)
     fig.tight_layout()

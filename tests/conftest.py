@@ -1,7 +1,12 @@
+import os
 import pathlib
 import sys
 
-import pytest
+# Triton kernels run in Triton's interpreter on the CPU (tests/test_triton_ops.py). The switch is read when
+# triton is first imported, and other libraries may import it before that test module loads: set it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 

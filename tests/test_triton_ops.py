@@ -1,16 +1,16 @@
 """The Triton LoRA kernels against the torch reference, run by Triton's interpreter on the CPU
-(TRITON_INTERPRET=1, set here before triton loads), on small shapes: mixed ranks x hidden x dtype x
-adapter popularity, prefill and decode layouts, and the column slice of a packed output."""
+(TRITON_INTERPRET=1, set by conftest.py before anything imports triton), on small shapes: mixed ranks x
+hidden x dtype x adapter popularity, prefill and decode layouts, and the column slice of a packed output."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from loraplex.adapters import ops
+from test_lora_ops import MAX_RANK, SLOT_RANKS, TOLERANCE, make_batch
 
-from loraplex.adapters import ops  # noqa: E402
-from test_lora_ops import MAX_RANK, SLOT_RANKS, TOLERANCE, make_batch  # noqa: E402
+assert os.environ.get("TRITON_INTERPRET") == "1", "these tests need Triton's CPU interpreter"
 
 triton_ops = pytest.importorskip("loraplex.adapters.triton_ops")
 if not triton_ops.available():   # the test extras install triton; without it this module must not pass
