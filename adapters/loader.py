@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from ..server.errors import InternalError, LoraplexError
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class SlotLoader:
         self._thread.join(5)
 
     def _run(self) -> None:
+        native.use_one_thread()          # loads never start a second torch thread pool beside the engine's
         while True:
             with self._cond:
                 while not self._jobs and not self._stopping:
@@ -122,6 +124,7 @@ class _Calls:
 
     def _run(self) -> None:
         _set_nice(self.nice)
+        native.use_one_thread()
         while True:
             with self._cond:
                 while not self._queue:

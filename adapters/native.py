@@ -61,6 +61,15 @@ def _load() -> bool:
         return False
 
 
+def use_one_thread() -> bool:
+    """The calling thread's torch work stays on that thread (no thread pool of its own); other threads keep
+    their settings. False where the kernels are unavailable (then nothing changes)."""
+    if not available():
+        return False
+    torch.ops.loraplex.use_one_thread()
+    return True
+
+
 def error() -> str | None:
     """Why the kernels are unavailable (None when they loaded or were never tried)."""
     return _state.get("error")  # type: ignore[return-value]

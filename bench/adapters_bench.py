@@ -253,7 +253,8 @@ def run(s: Settings, root: pathlib.Path) -> dict:
               "settings": dataclasses.asdict(s), "machine": info, "decode": decode}
     if s.online or s.background:
         t0 = time.perf_counter()
-        many = make_synthetic_adapters(root / names[0], root, s.registered, s.seed, s.distinct_files)
+        many = isolated(lambda: make_synthetic_adapters(root / names[0], root, s.registered, s.seed,
+                                                        s.distinct_files))
         log.info("wrote %d adapters in %.1f s", len(many), time.perf_counter() - t0)
     if s.online:
         result["online"] = run_online(s, root, many)

@@ -1,6 +1,7 @@
 """Adapters through the whole server: a mixed batch of several LoRA adapters and base-only requests,
 each checked against PEFT with that adapter alone on the same NF4 base (the oracle), plus the faults."""
 
+import os
 import threading
 
 import grpc
@@ -374,3 +375,15 @@ def test_preload_puts_adapters_in_slots_before_serving(tiny_model_dir, root):
         server.close()
     with pytest.raises(Exception, match="preloading adapter 'foreign' failed"):
         ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_preload="foreign")
+
+
+def test_loader_threads_keep_torch_work_on_one_thread(server):
+    """Loads run beside the engine's thread pool: their torch work must not start a pool of its own, and
+    that setting must not leak into other threads (a later engine, say)."""
+    assert server.engine.loader.call(torch.get_num_threads).result(timeout=30) == 1
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [torch.get_num_threads()]
+    assert seen[0] > 1 or (os.cpu_count() or 1) == 1

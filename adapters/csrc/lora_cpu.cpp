@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -127,9 +129,20 @@ void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tenso
   });
 }
 
+// Makes the calling thread run torch's parallel regions on itself alone, leaving every other thread as it
+// was. torch.set_num_threads would also change the default of threads that have not run parallel work yet
+// (an engine thread started later, say). torch sets a thread's OpenMP team size lazily, on its first
+// parallel call, so that happens first; then only this thread's OpenMP setting changes. For helper threads
+// (adapter loading) on a machine whose cores the engine's thread pool already uses.
+void use_one_thread() {
+  at::get_num_threads();
+  omp_set_num_threads(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
+  m.def("use_one_thread() -> ()", &use_one_thread);
   m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
   m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
 }
