@@ -1,20 +1,22 @@
 """The adapter loader: background threads that do all adapter loading work, off the decode loop.
 
 Reading, validating and normalizing an adapter and copying it into a slot never happen on the decode loop,
-so running requests keep decoding while adapters load. Two kinds of work, on two threads:
+so running requests keep decoding while adapters load (the reading itself happens in a child process per
+thread, `reader.py`, so it does not hold this interpreter's lock either). Two kinds of work, two threads:
 - slot jobs, for requests whose adapter is not in a device slot yet: done when the adapter is in one (or
   failed); a job that finds every slot busy stays first in line and is retried when a slot is released.
   A request is waiting on them, so they run at normal CPU priority;
-- calls, for administration (LoadAdapter): any registry function, answered through a future, on a thread
-  whose CPU niceness is a setting (`--adapter-loader-nice`): on a machine whose cores the engine keeps busy,
-  a high value makes such background loads take the time decoding leaves over instead of stretching steps.
+- calls, for administration (LoadAdapter): any registry function, answered through a future. Their reader
+  process runs at a CPU niceness that is a setting (`--adapter-loader-nice`): on a machine whose cores the
+  engine keeps busy, a high value makes such background loads take the time decoding leaves over. (The
+  threads themselves keep normal priority: a deprioritized thread of this process that holds the
+  interpreter lock when it is preempted would stall the decode loop with it.)
 50 first requests for one adapter read it once (one slot-job thread, and the registry's per-adapter gate).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -23,6 +25,7 @@ from typing import Callable
 
 from ..server.errors import InternalError, LoraplexError
 from . import native
+from .reader import ReaderProcess
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class SlotLoader:
         self.ready_seconds: deque[float] = deque(maxlen=1024)     # submit -> in a slot, recent slot jobs
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
-        self._calls = _Calls(background_nice)
+        self._calls = _Calls(lambda: self._reader(background_nice))
 
     def submit(self, token: object, adapter_id: str) -> None:
         """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
@@ -64,13 +67,21 @@ class SlotLoader:
         self._calls.stop()
         self._thread.join(5)
 
+    def _reader(self, nice: int) -> ReaderProcess:
+        """This thread's reads go to a child process of its own (see reader.py)."""
+        reader = ReaderProcess(self.registry.model, self.registry.max_rank, self.registry.dtype, nice)
+        self.registry.use_reader(reader)
+        return reader
+
     def _run(self) -> None:
         native.use_one_thread()          # loads never start a second torch thread pool beside the engine's
+        reader = self._reader(0)
         while True:
             with self._cond:
                 while not self._jobs and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
+                    reader.close()
                     return
                 jobs = list(self._jobs)
             waiting = [job for job in jobs if not self._serve(*job)]
@@ -100,10 +111,10 @@ class SlotLoader:
 
 
 class _Calls:
-    """One thread running submitted functions in order, at the given niceness."""
+    """One thread running submitted functions in order."""
 
-    def __init__(self, nice: int):
-        self.nice = nice
+    def __init__(self, setup: Callable):
+        self.setup = setup                # run first on the thread; returns something with close()
         self._queue: deque[tuple[Callable, Future] | None] = deque()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-admin", daemon=True)
@@ -123,14 +134,15 @@ class _Calls:
         self._thread.join(5)
 
     def _run(self) -> None:
-        _set_nice(self.nice)
         native.use_one_thread()
+        resource = self.setup()
         while True:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
                 item = self._queue.popleft()
             if item is None:
+                resource.close()
                 return
             _run_call(*item)
 
@@ -143,12 +155,3 @@ def _run_call(fn: Callable, future: Future) -> None:
     except BaseException as exc:  # handed to the caller, who maps it
         future.set_exception(exc)
 
-
-def _set_nice(nice: int) -> None:
-    """Per-thread niceness (Linux: a thread is its own scheduling entity); a no-op where unsupported."""
-    if not nice:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError, PermissionError):
-        pass

@@ -68,6 +68,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()                             # guards everything above
         self._written = threading.Condition(self._lock)           # signalled when a slot copy ends
         self._loading: dict[str, threading.Lock] = {}
+        self._readers: dict[int, object] = {}                     # thread id -> its ReaderProcess
         self.loads = 0
 
     def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
@@ -193,8 +194,16 @@ class AdapterRegistry:
         self._failed.discard(key)
         self.buffers.clear(self.slots.remove(key))
 
+    def use_reader(self, reader) -> None:
+        """Reads made on the calling thread go through `reader` (a ReaderProcess) from now on; other
+        threads read in this process."""
+        self._readers[threading.get_ident()] = reader
+
     def _read(self, adapter_id: str, directory: Path) -> Adapter:
+        reader = self._readers.get(threading.get_ident())
         try:
+            if reader is not None:
+                return reader.read(directory, adapter_id)
             return load_peft_lora(directory, adapter_id, self.model, self.max_rank, self.dtype)
         except AdapterFormatError as exc:
             raise FailedPreconditionError(f"adapter {adapter_id!r} cannot be served: {exc}") from None

@@ -37,8 +37,8 @@ class ServerConfig:
     adapter_slots: int = _opt(8, "adapters held on the device at once")
     adapter_host_cache_mb: int = _opt(1024, "host memory for adapters read from disk, in MiB")
     adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
-    adapter_loader_nice: int = _opt(10, "CPU niceness (0-19) of background adapter loads (LoadAdapter); higher "
-                                        "= they yield more to decoding. Loads a request waits for run at 0")
+    adapter_loader_nice: int = _opt(10, "CPU niceness (0-19) of the process reading adapters for LoadAdapter; "
+                                        "higher = they yield more to decoding. Loads a request waits for run at 0")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
                                     "','; a failing one stops the start")
     host: str = _opt("127.0.0.1", "address to listen on")

@@ -322,21 +322,21 @@ def _wait(predicate, timeout=5.0):
 
 
 def test_decoding_goes_on_while_an_adapter_loads(tiny_model_dir, root, stub_for, monkeypatch):
-    """A slow read (1.5 s, as from a slow disk) happens on the loader thread: a running stream keeps
-    getting tokens meanwhile, and the new request starts once its adapter is in."""
+    """A slow read (1.5 s, as from a slow disk) happens off the decode loop: a running stream keeps getting
+    tokens meanwhile, and the new request starts once its adapter is in."""
     import time
 
-    from loraplex.adapters import registry as registry_module
+    from loraplex.adapters.reader import ReaderProcess
 
-    real = registry_module.load_peft_lora
+    real = ReaderProcess.read
     started = threading.Event()
 
-    def slow(*args, **kwargs):
+    def slow(self, *args, **kwargs):
         started.set()
         time.sleep(1.5)
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(registry_module, "load_peft_lora", slow)
+    monkeypatch.setattr(ReaderProcess, "read", slow)
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
                           adapter_slots=2)
     try:

@@ -1,0 +1,184 @@
+"""Adapter files are read, validated and normalized in a helper process, not in the server's interpreter.
+
+The decode loop is Python driving torch; a load in the same interpreter holds the interpreter lock for
+its Python work (parsing, per-module checks) in slices of up to 5 ms, and every decode step that wants the
+lock meanwhile waits (with only 2 cores, load CPU time also competes with the engine's thread pool). A
+`ReaderProcess` does the whole read in a child process, which writes the normalized factors into a shared
+memory buffer and sends back a small index: the server then makes one copy (lock released) and views of it.
+Moving the bytes through a pipe instead would take the lock hundreds of times per adapter (one Python loop
+turn per pipe-sized chunk), and each of those is a chance for the decode thread to wait on a descheduled
+holder when the cores are busy.
+
+Children are forked from a fork server that has imported this module once (fast to start, and never a
+fork of a process that already runs torch threads). Each loader thread owns one child, so a request's load
+never queues behind an administrative one, and each child has its own CPU niceness.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers how shared tensors travel to child processes)
+
+from ..server.errors import InternalError
+from ..server.model.config import ModelConfig
+from .canonical import Adapter, LoraModule
+from .peft_lora import AdapterFormatError, load_peft_lora
+
+log = logging.getLogger(__name__)
+_CONTEXT_LOCK = threading.Lock()
+_context = None
+
+
+def _mp_context():
+    global _context
+    with _CONTEXT_LOCK:
+        if _context is None:
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload([__name__])
+        return _context
+
+
+class ReaderProcess:
+    """Reads adapters for one thread of the server in a child process, started on first use."""
+
+    def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, nice: int = 0):
+        self._args = (model, max_rank, str(dtype).removeprefix("torch."), nice)
+        self._capacity = _largest_adapter_bytes(model, max_rank, dtype)
+        self._shared: torch.Tensor | None = None       # [capacity] uint8 in shared memory, made on first use
+        self._lock = threading.Lock()
+        self._conn = None
+        self._proc = None
+        self._in_process = False     # set when no child could be started: read here, as without this class
+
+    def read(self, directory: Path, adapter_id: str) -> Adapter:
+        with self._lock:
+            for _ in range(2):                  # a child that died (killed, out of memory) is restarted once
+                if self._in_process:
+                    break
+                try:
+                    return self._ask(directory, adapter_id)
+                except (EOFError, OSError, RuntimeError) as exc:
+                    log.warning("adapter reader process failed (%s); restarting it", exc)
+                    self._close_locked()
+            if not self._in_process:
+                # e.g. a main script without the `if __name__ == "__main__":` guard that child processes need
+                log.error("no adapter reader process could be started; reading adapters in the server process")
+                self._in_process = True
+        model, max_rank, dtype_name, _ = self._args
+        return load_peft_lora(directory, adapter_id, model, max_rank, getattr(torch, dtype_name))
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _ask(self, directory: Path, adapter_id: str) -> Adapter:
+        conn = self._connection()
+        conn.send((str(directory), adapter_id))
+        reply = conn.recv()
+        if reply[0] == "format":
+            raise AdapterFormatError(reply[1])
+        if reply[0] == "error":
+            raise InternalError(f"reading adapter {adapter_id!r} failed: {reply[1]}")
+        _, index, nbytes = reply
+        return _unpack(index, self._shared[:nbytes].clone())   # the host cache keeps its own copy
+
+    def _connection(self):
+        if self._conn is None:
+            ctx = _mp_context()
+            if self._shared is None:
+                self._shared = torch.empty(self._capacity, dtype=torch.uint8).share_memory_()
+            parent, child = ctx.Pipe()
+            self._proc = ctx.Process(target=_serve, args=(child, self._shared, *self._args), daemon=True,
+                                     name="loraplex-adapter-reader")
+            self._proc.start()
+            child.close()
+            self._conn = parent
+        return self._conn
+
+    def _close_locked(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            self._proc.join(2)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(2)
+            self._proc = None
+
+
+def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_name: str, nice: int) -> None:
+    """The child: read requests until None (or the parent goes away)."""
+    torch.set_num_threads(1)
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError:
+            pass
+    dtype = getattr(torch, dtype_name)
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        directory, adapter_id = request
+        try:
+            adapter = load_peft_lora(Path(directory), adapter_id, model, max_rank, dtype)
+        except AdapterFormatError as exc:
+            conn.send(("format", str(exc)))
+            continue
+        except Exception as exc:  # reported to the parent, which fails the request; the child goes on
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            continue
+        index, flat = _pack(adapter)
+        payload = flat.view(torch.uint8)
+        if payload.numel() > shared.numel():   # cannot happen for a validated adapter; never overrun
+            conn.send(("error", f"{payload.numel()} bytes exceed the {shared.numel()}-byte exchange buffer"))
+            continue
+        shared[:payload.numel()].copy_(payload)
+        conn.send(("ok", index, payload.numel()))
+
+
+def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
+    """(index, flat): every module's a then b, flattened in one tensor of the serving dtype."""
+    keys = list(adapter.modules)
+    parts = [t.reshape(-1) for key in keys for t in (adapter.modules[key].a, adapter.modules[key].b)]
+    index = {"adapter_id": adapter.adapter_id, "alpha": adapter.alpha, "source": adapter.source,
+             "format": adapter.format, "dtype": str(parts[0].dtype).removeprefix("torch."),
+             "modules": [(layer, target, m.rank, m.in_features, m.out_features)
+                         for (layer, target), m in ((k, adapter.modules[k]) for k in keys)]}
+    return index, torch.cat(parts)
+
+
+def _largest_adapter_bytes(model: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
+    """Bytes of an adapter of rank max_rank on every target of every layer: the exchange buffer's size."""
+    from .peft_lora import in_out_features
+    from .canonical import TARGETS
+
+    per_layer = sum(max_rank * sum(in_out_features(model, t)) for t in TARGETS)
+    return per_layer * model.num_layers * dtype.itemsize
+
+
+def _unpack(index: dict, raw: torch.Tensor) -> Adapter:
+    flat = raw.view(getattr(torch, index["dtype"]))
+    modules, offset = {}, 0
+    for layer, target, rank, in_features, out_features in index["modules"]:
+        a = flat[offset:offset + rank * in_features].view(rank, in_features)
+        offset += rank * in_features
+        b = flat[offset:offset + out_features * rank].view(out_features, rank)
+        offset += out_features * rank
+        modules[(layer, target)] = LoraModule(a=a, b=b)
+    return Adapter(adapter_id=index["adapter_id"], modules=modules, alpha=index["alpha"], source=index["source"],
+                   format=index["format"])
