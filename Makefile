@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/loraplex bench
+	$(PY) -m loraplex.bench.adapters_bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py
