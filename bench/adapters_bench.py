@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ class Settings:
     background: bool = True     # ITL while adapters load in the background, and load-to-ready times
     background_streams: int = 8
     background_tokens: int = 192
+    background_rate: float = 2.0   # adapter loads per second in the paced part
     loader_nice: int = 10       # the server's --adapter-loader-nice
 
 
@@ -318,37 +320,39 @@ IDLE_LOADS = 8
 
 
 def run_background(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
-    """Decode inter-token latency of a steady batch on one adapter, alone and while other adapters load back
-    to back through the loader (read from disk, validated, copied into a slot), plus load-to-ready times."""
+    """Decode inter-token latency of a steady batch on one adapter: alone, while other adapters load at a
+    steady pace (s.background_rate per second), and while they load back to back (as fast as the loader
+    goes). Loads go through the loader like LoadAdapter: read from disk, validated, copied into a slot.
+    Also load-to-ready times, idle and under each kind of load."""
     prompts = decode_prompts(s.background_streams)
     hot = [many[0]] * len(prompts)
+    queue = itertools.cycle(many[1:])          # (only the quick run comes round again)
     with engine_running(root, s.online_slots, s.rank, s) as engine:
         ours_decode(engine, prompts[:1], hot[:1], s.prompt_tokens, 4)              # warm-up, puts s0 in a slot
-        idle = [load_to_ready(engine, a) for a in many[1:1 + IDLE_LOADS]]          # nothing else running
-        steady = stream_itl(engine, prompts, hot, s)
-        queue = iter(many[1 + IDLE_LOADS:])
-        stop, busy_loads = threading.Event(), []
+        idle = [load_to_ready(engine, next(queue)) for _ in range(IDLE_LOADS)]     # nothing else running
+        out = {"streams": len(prompts), "tokens": s.background_tokens, "rate_per_s": s.background_rate,
+               "steady": stream_itl(engine, prompts, hot, s),
+               "load_to_ready_idle_p50_s": float(np.percentile(idle, 50))}
+        for label, interval in (("paced", 1.0 / s.background_rate), ("flat_out", 0.0)):
+            stop, ready = threading.Event(), []
 
-        def load_continuously():
-            for adapter in queue:
-                if stop.is_set():
-                    return
-                busy_loads.append(load_to_ready(engine, adapter))
+            def load_continuously():
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    ready.append(load_to_ready(engine, next(queue)))
+                    stop.wait(max(0.0, interval - (time.perf_counter() - started)))
 
-        loader = threading.Thread(target=load_continuously)
-        loader.start()
-        time.sleep(0.2)                                            # loads under way before the batch starts
-        busy = stream_itl(engine, prompts, hot, s)
-        stop.set()
-        loader.join()
-    out = {"streams": len(prompts), "tokens": s.background_tokens, "steady": steady, "loading": busy,
-           "loads_during": len(busy_loads),
-           "load_to_ready_idle_p50_s": float(np.percentile(idle, 50)),
-           "load_to_ready_busy_p50_s": float(np.percentile(busy_loads, 50)) if busy_loads else None,
-           "itl_p99_ratio_loading_vs_steady": busy["itl_p99_s"] / steady["itl_p99_s"]}
-    log.info("background loads: ITL p99 %.4f s steady, %.4f s with %d loads (x%.2f); load-to-ready p50 %.3f s "
-             "idle, %s s busy", steady["itl_p99_s"], busy["itl_p99_s"], len(busy_loads),
-             out["itl_p99_ratio_loading_vs_steady"], out["load_to_ready_idle_p50_s"], out["load_to_ready_busy_p50_s"])
+            loader = threading.Thread(target=load_continuously)
+            loader.start()
+            time.sleep(0.2)                                        # loads under way before the batch starts
+            out[label] = stream_itl(engine, prompts, hot, s)
+            stop.set()
+            loader.join()
+            out[label].update(loads=len(ready), load_to_ready_p50_s=float(np.percentile(ready, 50)),
+                              itl_p99_vs_steady=out[label]["itl_p99_s"] / out["steady"]["itl_p99_s"])
+            log.info("background loads, %s: %d loads, ITL p99 %.4f s vs %.4f s steady (x%.2f), load-to-ready "
+                     "p50 %.3f s", label, len(ready), out[label]["itl_p99_s"], out["steady"]["itl_p99_s"],
+                     out[label]["itl_p99_vs_steady"], out[label]["load_to_ready_p50_s"])
     return out
 
 
@@ -399,16 +403,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.set_title(f"Online: {online['requests']} Poisson requests at {online['rate_per_s']:g}/s", fontsize=9)
     if background:
         ax = axes.pop(0)
-        steady, loading = background["steady"], background["loading"]
+        runs = [("steady", background["steady"]),
+                (f"{background['rate_per_s']:g} loads/s", background["paced"]),
+                (f"back to back ({background['flat_out']['loads']} loads)", background["flat_out"])]
         x = np.arange(2)
-        for i, (label, run) in enumerate((("steady", steady), (f"{background['loads_during']} loads meanwhile",
-                                                                 loading))):
-            bars = ax.bar(x + (i - 0.5) * 0.38, [run["itl_p50_s"] * 1e3, run["itl_p99_s"] * 1e3], 0.38,
-                          label=label, color=["#9ecae1", "#1f77b4"][i])
-            ax.bar_label(bars, fmt="%.0f")
+        for i, (label, run) in enumerate(runs):
+            bars = ax.bar(x + (i - 1) * 0.27, [run["itl_p50_s"] * 1e3, run["itl_p99_s"] * 1e3], 0.27, label=label,
+                          color=["#9ecae1", "#4292c6", "#08519c"][i])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(x, ["ITL p50", "ITL p99"])
         ax.set_ylabel("ms")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.set_title(f"Decode of {background['streams']} streams while adapters load", fontsize=9)
     fig.suptitle(f"{result['machine']['model']} NF4 on {result['machine']['cpu']} "
                  f"({result['machine']['cores']} cores)", fontsize=9)
