@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 from .canonical import Adapter
 
 
@@ -112,6 +114,7 @@ class SlotBuffers:
         # (a GPU kernel reads ranks on the device; slot writes are rare, so the mirror is updated there).
         self.device_ranks = self.ranks if torch.device(device).type == "cpu" else {
             t: r.to(device) for t, r in self.ranks.items()}
+        self._native = torch.device(device).type == "cpu" and native.available()
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Copies the adapter into the slot; modules it lacks get rank 0. Rows past a module's rank keep
@@ -119,6 +122,15 @@ class SlotBuffers:
         validated finite one), so a write costs only the adapter's own bytes."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {adapter.rank}, slots hold {self.max_rank}")
+        if self._native:
+            # One call (see csrc/lora_cpu.cpp): loads run beside decoding, and each small torch call from this
+            # thread is a point where the decode thread may have to wait for the interpreter lock.
+            order = {t: i for i, t in enumerate(self.a)}
+            modules = adapter.modules
+            torch.ops.loraplex.slot_write(list(self.a.values()), list(self.b.values()), list(self.ranks.values()),
+                                          slot, [v for layer, t in modules for v in (order[t], layer)],
+                                          [m.a for m in modules.values()], [m.b for m in modules.values()])
+            return
         self.clear(slot)
         dst, src = [], []
         for (layer, target), module in adapter.modules.items():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from loraplex.adapters import native
 from loraplex.adapters.canonical import Adapter, LoraModule
 from loraplex.adapters.slots import NoFreeSlot, SlotBuffers, SlotTable
 
@@ -58,11 +59,16 @@ def adapter(rank: int, seed: int, targets=("q_proj", "down_proj")) -> Adapter:
     return Adapter(adapter_id=f"x{seed}", modules=modules, alpha=float(rank), source="test")
 
 
-def test_buffers_hold_each_adapters_delta_and_rewrites_retire_old_rows():
+@pytest.mark.parametrize("native_copy", [True, False], ids=["native", "torch"])
+def test_buffers_hold_each_adapters_delta_and_rewrites_retire_old_rows(native_copy):
     """A smaller adapter over a bigger one: its live rows give its delta, and the old adapter's rows and
     modules are retired by rank (the ops never read past a slot's rank; tests/test_lora_ops.py fills those
     rows with huge values to prove it)."""
     buffers = SlotBuffers(2, 8, 2, {"q_proj": (8, 8), "down_proj": (16, 8)}, torch.float32, torch.device("cpu"))
+    assert buffers._native or not native.enabled()   # make install builds the kernels; LORAPLEX_NATIVE=0 opts out
+    if native_copy and not buffers._native:
+        pytest.skip("LORAPLEX_NATIVE=0")
+    buffers._native = native_copy
     big, small = adapter(8, 1), adapter(2, 2, targets=("q_proj",))
     buffers.write(0, big)
     buffers.write(0, small)     # a smaller adapter over a bigger one: old rows must not leak

@@ -25,6 +25,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -139,9 +140,63 @@ void use_one_thread() {
   omp_set_num_threads(1);
 }
 
+// Copies one adapter into slot `slot` of the stacked buffers in one call (the Python version makes ~600 small
+// torch calls, each a point where the decode thread may wait for the interpreter lock). entries holds
+// (target index, layer) per module; a_src[i] [r, in] and b_src[i] [out, r] are contiguous. Every target's
+// rank for this slot is reset to 0 first, then set for the modules given.
+void slot_write(const std::vector<at::Tensor>& a_stacks, const std::vector<at::Tensor>& b_stacks,
+                const std::vector<at::Tensor>& rank_tables, int64_t slot, const std::vector<int64_t>& entries,
+                const std::vector<at::Tensor>& a_src, const std::vector<at::Tensor>& b_src) {
+  TORCH_CHECK(a_stacks.size() == b_stacks.size() && a_stacks.size() == rank_tables.size(), "one stack per target");
+  TORCH_CHECK(entries.size() == 2 * a_src.size() && a_src.size() == b_src.size(), "one entry per module");
+  for (const auto& table : rank_tables) {
+    TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2, "ranks [L, S]");
+    int64_t* p = table.data_ptr<int64_t>();
+    for (int64_t layer = 0; layer < table.size(0); ++layer) p[layer * table.size(1) + slot] = 0;
+  }
+  for (size_t i = 0; i < a_src.size(); ++i) {
+    const int64_t t = entries[2 * i], layer = entries[2 * i + 1];
+    const at::Tensor &a = a_stacks.at(t), &b = b_stacks.at(t), &sa = a_src[i], &sb = b_src[i];
+    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && sa.is_contiguous() && sb.is_contiguous() &&
+                    a.scalar_type() == sa.scalar_type() && b.scalar_type() == sb.scalar_type(),
+                "contiguous tensors of one dtype");
+    const int64_t slots = a.size(1), max_rank = a.size(2), in = a.size(3), out = b.size(2), r = sa.size(0);
+    TORCH_CHECK(slot >= 0 && slot < slots && layer >= 0 && layer < a.size(0) && r <= max_rank &&
+                    sa.size(1) == in && sb.size(0) == out && sb.size(1) == r, "module does not fit the slot");
+    const int64_t item = a.element_size();
+    auto* a_dst = static_cast<char*>(a.data_ptr()) + ((layer * slots + slot) * max_rank) * in * item;
+    std::memcpy(a_dst, sa.data_ptr(), r * in * item);
+    auto* b_dst = static_cast<char*>(b.data_ptr()) + ((layer * slots + slot) * out) * max_rank * item;
+    const auto* b_from = static_cast<const char*>(sb.data_ptr());
+    for (int64_t o = 0; o < out; ++o) std::memcpy(b_dst + o * max_rank * item, b_from + o * r * item, r * item);
+    rank_tables[t].data_ptr<int64_t>()[layer * slots + slot] = r;
+  }
+}
+
+// [a_0, b_0, a_1, b_1, ...]: views of consecutive pieces of `flat`, shapes [r, in] and [out, r] from dims
+// (r, in, out per module): one call instead of two Python view calls per module.
+std::vector<at::Tensor> split_views(const at::Tensor& flat, const std::vector<int64_t>& dims) {
+  TORCH_CHECK(flat.dim() == 1 && dims.size() % 3 == 0, "flat 1-D, dims (r, in, out) per module");
+  std::vector<at::Tensor> views;
+  views.reserve(2 * dims.size() / 3);
+  int64_t offset = 0;
+  for (size_t i = 0; i < dims.size(); i += 3) {
+    const int64_t r = dims[i], in = dims[i + 1], out = dims[i + 2];
+    TORCH_CHECK(offset + r * in + out * r <= flat.numel(), "dims exceed the buffer");
+    views.push_back(flat.narrow(0, offset, r * in).view({r, in}));
+    offset += r * in;
+    views.push_back(flat.narrow(0, offset, out * r).view({out, r}));
+    offset += out * r;
+  }
+  return views;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
+  m.def("slot_write(Tensor[] a_stacks, Tensor[] b_stacks, Tensor[] rank_tables, int slot, int[] entries, "
+        "Tensor[] a_src, Tensor[] b_src) -> ()", &slot_write);
+  m.def("split_views(Tensor flat, int[] dims) -> Tensor[]", &split_views);
   m.def("use_one_thread() -> ()", &use_one_thread);
   m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
   m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
