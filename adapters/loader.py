@@ -17,6 +17,7 @@ thread, `reader.py`, so it does not hold this interpreter's lock either). Two ki
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -68,7 +69,8 @@ class SlotLoader:
         self._thread.join(5)
 
     def _reader(self, nice: int) -> ReaderProcess:
-        """This thread's reads go to a child process of its own (see reader.py)."""
+        """This thread's reads go to a child process of its own (see reader.py), both at `nice`."""
+        _set_nice(nice)
         reader = ReaderProcess(self.registry.model, self.registry.max_rank, self.registry.dtype, nice)
         self.registry.use_reader(reader)
         return reader
@@ -135,7 +137,7 @@ class _Calls:
 
     def _run(self) -> None:
         native.use_one_thread()
-        resource = self.setup()
+        resource = self.setup()           # (the setup may lower this thread's priority too)
         while True:
             with self._cond:
                 while not self._queue:
@@ -155,3 +157,12 @@ def _run_call(fn: Callable, future: Future) -> None:
     except BaseException as exc:  # handed to the caller, who maps it
         future.set_exception(exc)
 
+
+
+def _set_nice(nice: int) -> None:
+    """This thread's CPU niceness (Linux: each thread is scheduled on its own); a no-op where unsupported."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass
