@@ -6,11 +6,13 @@ thread, `reader.py`, so it does not hold this interpreter's lock either). Two ki
 - slot jobs, for requests whose adapter is not in a device slot yet: done when the adapter is in one (or
   failed); a job that finds every slot busy stays first in line and is retried when a slot is released.
   A request is waiting on them, so they run at normal CPU priority;
-- calls, for administration (LoadAdapter): any registry function, answered through a future. Their reader
-  process runs at a CPU niceness that is a setting (`--adapter-loader-nice`): on a machine whose cores the
-  engine keeps busy, a high value makes such background loads take the time decoding leaves over. (The
-  threads themselves keep normal priority: a deprioritized thread of this process that holds the
-  interpreter lock when it is preempted would stall the decode loop with it.)
+- calls, for administration (LoadAdapter): any registry function, answered through a future. This thread
+  and its reader process run at a CPU niceness that is a setting (`--adapter-loader-nice`): on a machine
+  whose cores the engine's thread pool keeps busy, an equal-priority thread copying megabytes takes a core
+  from that pool for whole time slices, and every parallel region of a decode step waits for it. A
+  deprioritized thread that is preempted while it holds the interpreter lock stalls decoding too, which is
+  why this thread takes the lock only a few times per load (one native call for the views of a read
+  adapter, one for the slot copy).
 50 first requests for one adapter read it once (one slot-job thread, and the registry's per-adapter gate).
 """
 
