@@ -75,6 +75,7 @@ class SlotLoader:
         _set_nice(nice)
         reader = ReaderProcess(self.registry.model, self.registry.max_rank, self.registry.dtype, nice)
         self.registry.use_reader(reader)
+        reader.start()                    # on this thread, so the server's start does not wait for it
         return reader
 
     def _run(self) -> None:

@@ -74,6 +74,16 @@ class ReaderProcess:
         model, max_rank, dtype_name, _ = self._args
         return load_peft_lora(directory, adapter_id, model, max_rank, getattr(torch, dtype_name))
 
+    def start(self) -> None:
+        """Starts the child now (the first one also starts the fork server, a few seconds), so that the
+        first read does not wait for it; a failure here is left to `read`, which falls back."""
+        with self._lock:
+            try:
+                self._connection()
+            except (OSError, RuntimeError) as exc:
+                log.warning("adapter reader process could not start yet: %s", exc)
+                self._close_locked()
+
     def close(self) -> None:
         with self._lock:
             self._close_locked()
