@@ -46,6 +46,7 @@ class ServerConfig:
     grpc_workers: int = _opt(16, "threads serving RPCs")
     threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
     warmup: bool = _opt(True, "run one short generation before reporting SERVING")
+    shutdown_grace_seconds: int = _opt(30, "on SIGTERM, how long running requests may take to finish")
 
     def __post_init__(self):
         positive = ["quant_blocksize", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
@@ -54,7 +55,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_sequence_length", "threads", "port"):
+        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:

@@ -1,4 +1,9 @@
-"""`loraplex serve`: load the model, listen, warm up, report SERVING, run until SIGTERM/SIGINT."""
+"""`loraplex serve`: load the model, listen, warm up, report SERVING, run until SIGTERM/SIGINT.
+
+Stopping drains: health goes NOT_SERVING at once, new requests get UNAVAILABLE, running ones may finish
+within --shutdown-grace-seconds, then the process exits 0. If the engine loop itself fails, health goes
+NOT_SERVING, requests get the error, and the process exits 1 at once.
+"""
 
 import argparse
 import asyncio
@@ -14,7 +19,7 @@ from .engine.request import GenerationRequest, StoppingParams
 
 log = logging.getLogger("loraplex.server")
 
-GRACE_SECONDS = 10.0
+EXIT_ENGINE_FAILED = 1
 
 
 def parse_config(argv: list[str] | None) -> ServerConfig:
@@ -71,21 +76,45 @@ async def start(config: ServerConfig) -> Running:
     return Running(server, health, engine, port, model)
 
 
-async def shutdown(running: Running, grace: float = GRACE_SECONDS) -> None:
+async def shutdown(running: Running, grace: float) -> None:
+    """Drains: NOT_SERVING, then new requests are refused while running ones get up to `grace` seconds."""
     log.info("stopping: NOT_SERVING, finishing running requests (grace %.0fs)", grace)
     await running.health.set(False)
-    await running.server.stop(grace)
+    running.engine.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not running.engine.idle() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if not running.engine.idle():
+        log.warning("grace period over: cancelling the requests still running")
+    await running.server.stop(1.0)       # a second to hand over the last responses; the rest is cancelled
     running.engine.stop()
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, on_start=None) -> int:
+    """Runs the server until SIGTERM/SIGINT (exit status 0) or an engine failure (1). on_start(running), if
+    given, is called once the server is SERVING (for embedding and tests)."""
     running = await start(config)
+    if on_start is not None:
+        on_start(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await shutdown(running)
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):   # not the main thread (embedded); the caller stops it
+            pass
+    while not stop.is_set() and not running.engine.failed.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+    if running.engine.failed.is_set():
+        log.critical("the engine failed: NOT_SERVING, exiting with status %d", EXIT_ENGINE_FAILED)
+        await running.health.set(False)
+        await running.server.stop(0.5)
+        return EXIT_ENGINE_FAILED
+    await shutdown(running, config.shutdown_grace_seconds)
     return 0
 
 

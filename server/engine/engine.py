@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ...adapters.loader import SlotLoader
-from ..errors import InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError
+from ..errors import (InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError,
+                      UnavailableError)
 from .prompt import encode_prompt, truncate
 from .request import GenerationRequest
 from .runner import ModelRunner
@@ -56,10 +57,16 @@ class Engine:
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
+        self.failed = threading.Event()      # set when the loop itself died (not when one step failed)
+        self.failure: BaseException | None = None
         self.steps = 0
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
+        if self._draining or self.failed.is_set():
+            raise UnavailableError("the server is shutting down; retry on another replica"
+                                   if self._draining else "the engine has failed; the server is exiting")
         adapter_id = request.adapter_id
         if adapter_id:
             if self.registry is None:
@@ -147,6 +154,16 @@ class Engine:
             if not seq.in_step:
                 self._finish(seq, StopReason.CANCELLED)
 
+    def drain(self) -> None:
+        """New requests are refused with UNAVAILABLE from now on; running and waiting ones go on."""
+        with self._lock:
+            self._draining = True
+
+    def idle(self) -> bool:
+        """No request running or waiting."""
+        with self._lock:
+            return not self._by_id
+
     def stats(self) -> EngineStats:
         with self._lock:
             blocks = self.scheduler.blocks
@@ -160,10 +177,30 @@ class Engine:
         self._thread.start()
 
     def run(self) -> None:
-        """The loop, on the calling thread, until stop()."""
+        """The loop, on the calling thread, until stop(). If the loop itself fails (a bug, not a failed
+        step), `failed` is set and every request still in the engine gets the error."""
         if self._thread is None:
             self._thread = threading.current_thread()
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the engine loop failed", exc_info=True)
+            self.failure = exc
+            self.failed.set()
+            self._fail_all(InternalError(f"the engine failed: {type(exc).__name__}: {exc}"))
+
+    def _fail_all(self, error: LoraplexError) -> None:
+        with self._lock:
+            doomed = list(self._by_id.values())
+            outputs = []
+            for seq in doomed:
+                try:
+                    self._finish(seq, StopReason.ERROR)
+                except Exception:  # the state that broke the loop may break this too; the answer matters more
+                    log.exception("could not release request %s", seq.request_id)
+                outputs.append((seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)))
+        for seq, out in outputs:
+            seq.sink(out)
 
     def stop(self) -> None:
         with self._lock:

@@ -1,0 +1,110 @@
+"""Lifecycle of a real `loraplex serve` process: SIGTERM drains (NOT_SERVING at once, new calls UNAVAILABLE,
+a running stream completes, exit 0; the grace period bounds the wait), and an engine failure turns health
+NOT_SERVING and ends `serve` with status 1 while the request in flight gets its error."""
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.server.config import ServerConfig
+from loraplex.server.main import EXIT_ENGINE_FAILED, serve
+from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import generation_pb2_grpc as pb_grpc
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def spawn(model_dir, grace: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.main", "--model", str(model_dir), "--port", "0",
+                             "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target, deadline = None, time.monotonic() + 120
+    for line in proc.stdout:                      # "listening on HOST:PORT", then "ready: SERVING"
+        match = re.search(r"listening on ([\d.]+:\d+)", line)
+        target = match.group(1) if match else target
+        if "SERVING" in line or time.monotonic() > deadline:
+            break
+    assert target and proc.poll() is None, "the server did not start"
+    threading.Thread(target=proc.stdout.read, daemon=True).start()      # keep draining its output
+    return proc, target
+
+
+def long_request(n: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text="Hello", params=pb.Parameters(
+        stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n)))
+
+
+def test_sigterm_drains_then_exits_zero(tiny_model_dir):
+    proc, target = spawn(tiny_model_dir, grace=60)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            stream = stub.GenerateStream(long_request(480), timeout=120)
+            next(stream)                                           # running when SIGTERM comes
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != NOT_SERVING:
+                assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(long_request(4), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            chunks = list(stream)                                   # the running stream completes
+            assert chunks[-1].stop_reason == pb.MAX_TOKENS and chunks[-1].generated_token_count == 480
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
+def test_grace_period_bounds_the_drain(tiny_model_dir):
+    """Requests that would outlast the grace period are cut off when it ends; the exit is still 0."""
+    proc, target = spawn(tiny_model_dir, grace=1)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            streams = [stub.GenerateStream(long_request(480), timeout=120) for _ in range(32)]
+            for stream in streams:
+                next(stream)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError):                      # cut off when the grace period ends
+                for stream in streams:
+                    list(stream)
+            assert proc.wait(30) == 0
+            assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+
+
+def test_engine_failure_turns_not_serving_and_exits_one(tiny_model_dir, stub_for):
+    config = ServerConfig(model=str(tiny_model_dir), port=0, kv_cache_mb=16)
+    box: dict = {}
+
+    def broken_schedule():
+        raise RuntimeError("injected scheduler bug")
+
+    def on_start(running):
+        box["running"] = running
+        running.engine.scheduler.schedule = broken_schedule        # the next loop turn dies
+        box["ready"].set()
+
+    box["ready"] = threading.Event()
+    thread = threading.Thread(target=lambda: box.setdefault("code", asyncio.run(serve(config, on_start))))
+    thread.start()
+    assert box["ready"].wait(120)
+    stub = stub_for(f"127.0.0.1:{box['running'].port}")
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Generate(long_request(4), timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL and "injected scheduler bug" in failed.value.details()
+    thread.join(30)
+    assert box["code"] == EXIT_ENGINE_FAILED
+    assert not box["running"].health.serving
