@@ -68,7 +68,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens), tuple(sorted(eos)),
+    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens, config.max_prompt_tokens), tuple(sorted(eos)),
                     registry, config.adapter_loader_nice)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),

@@ -31,6 +31,15 @@ class ServerConfig:
     max_sequence_length: int = _opt(0, "prompt + generated tokens per request; 0 = the model's context window")
     max_new_tokens: int = _opt(1024, "upper limit a request may ask for")
     default_max_new_tokens: int = _opt(64, "used when a request leaves max_new_tokens unset")
+    max_prompt_tokens: int = _opt(0, "longest prompt accepted, in tokens (after truncate_input_tokens); 0 = the "
+                                     "context window")
+    max_message_bytes: int = _opt(4 * 2**20, "largest gRPC message received or sent; larger ones get "
+                                             "RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _opt(1024, "RPCs served at once; more get RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = _opt(128, "HTTP/2 streams per client connection (more wait for one to end)")
+    keepalive_time_ms: int = _opt(60_000, "ping an idle client connection this often")
+    keepalive_timeout_ms: int = _opt(20_000, "close a connection whose ping is not answered within this")
+    keepalive_min_ping_interval_ms: int = _opt(10_000, "clients pinging more often than this are told to go away")
     adapter_roots: str = _opt("", "directories holding LoRA adapters (PEFT format), separated by ':'; "
                                   "empty = adapters off")
     max_lora_rank: int = _opt(64, "largest adapter rank accepted")
@@ -51,11 +60,13 @@ class ServerConfig:
     def __post_init__(self):
         positive = ["quant_blocksize", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
                     "max_queue_size", "max_new_tokens", "default_max_new_tokens", "grpc_workers",
-                    "max_lora_rank", "adapter_slots", "adapter_host_cache_mb"]
+                    "max_lora_rank", "adapter_slots", "adapter_host_cache_mb", "max_message_bytes",
+                    "max_concurrent_rpcs", "max_concurrent_streams", "keepalive_time_ms", "keepalive_timeout_ms",
+                    "keepalive_min_ping_interval_ms"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds"):
+        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:

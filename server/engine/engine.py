@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class EngineLimits:
     max_sequence_length: int
     max_new_tokens: int
+    max_prompt_tokens: int = 0            # 0 = only the context window limits a prompt
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,11 @@ class Engine:
         window = self.limits.max_sequence_length
         if not ids:
             raise InvalidArgumentError("text", "the prompt encodes to no tokens")
+        limit = self.limits.max_prompt_tokens
+        if limit and len(ids) > limit:
+            raise InvalidArgumentError(
+                "text", f"the prompt has {len(ids)} tokens but this server accepts at most {limit} "
+                        f"(max_prompt_tokens); shorten it or set truncate_input_tokens")
         if len(ids) >= window:
             raise InvalidArgumentError(
                 "text", f"the prompt has {len(ids)} tokens but the context window is {window}; "

@@ -34,8 +34,21 @@ class Health:
             await self.servicer.set(name, status)
 
 
+def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The server's transport limits (see ServerConfig for each)."""
+    return [("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", 2)]
+
+
 def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) -> tuple[grpc.aio.Server, Health, int]:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
     services = (GENERATION,)
