@@ -18,8 +18,9 @@ def add_adapters(commands, connection) -> None:
 
 def _run(args, _extra) -> int:
     from .admin import AdapterAdmin, as_dict
+    from .tls import credentials
 
-    with AdapterAdmin(args.target, timeout=args.timeout, token=args.token) as admin:
+    with AdapterAdmin(args.target, timeout=args.timeout, token=args.token, credentials=credentials(args)) as admin:
         if args.verb == "list":
             for info in admin.list():
                 print(f"{info.adapter_id:<32} {info.state:<9} {info.tier:<7} rank {info.rank:<3} "

@@ -27,6 +27,7 @@ from dataclasses import fields
 from .client import DEFAULT_TARGET, Client, Generation, ModelInfo
 from .adapters_cli import add_adapters
 from .errors import DeadlineExceeded, LoraplexError, Unavailable
+from .tls import credentials
 
 DELEGATED = ("serve", "bench")   # everything after these words goes to their own parsers untouched
 DEMO_QUESTION = "What is the capital of France?"
@@ -97,7 +98,14 @@ def _connection_flags(environ) -> argparse.ArgumentParser:
                        help="seconds per call; unset = no deadline [env LORAPLEX_TIMEOUT]")
     flags.add_argument("--token", default=environ.get("LORAPLEX_TOKEN"),
                        help="bearer token sent as authorization metadata [env LORAPLEX_TOKEN]")
+    flags.add_argument("--tls-ca", default=environ.get("LORAPLEX_TLS_CA"),
+                       help="PEM CA bundle: connect over TLS, trusting it [env LORAPLEX_TLS_CA]")
+    flags.add_argument("--tls-cert", default=environ.get("LORAPLEX_TLS_CERT"),
+                       help="PEM client certificate for mTLS, with --tls-key [env LORAPLEX_TLS_CERT]")
+    flags.add_argument("--tls-key", default=environ.get("LORAPLEX_TLS_KEY"),
+                       help="PEM private key of --tls-cert [env LORAPLEX_TLS_KEY]")
     return flags
+
 
 
 def _add_generate(commands, connection) -> None:
@@ -134,7 +142,7 @@ def _add_demo(commands, environ) -> None:
 
 
 def _client(args) -> Client:
-    return Client(args.target, timeout=args.timeout, token=args.token)
+    return Client(args.target, timeout=args.timeout, token=args.token, credentials=credentials(args))
 
 
 def generate_kwargs(args) -> dict:

@@ -50,6 +50,11 @@ class ServerConfig:
                                         "higher = they yield more to decoding. Loads a request waits for run at 0")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
                                     "','; a failing one stops the start")
+    tls_cert: str = _opt("", "PEM server certificate (chain); with --tls-key, serve over TLS")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
+    auth_token: str = _opt("", "bearer token the generation service requires; empty = none")
+    admin_token: str = _opt("", "bearer token the adapter service requires; empty = none")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")

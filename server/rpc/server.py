@@ -12,6 +12,7 @@ from ..build import ModelDescription
 from ..config import ServerConfig
 from ..engine.engine import Engine
 from .generation import GenerationService
+from .security import TokenAuth, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,10 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) -> tuple[grpc.aio.Server, Health, int]:
-    server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    credentials = server_credentials(config)
+    auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token})
+    server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                             interceptors=[auth])
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
     services = (GENERATION,)
@@ -60,7 +64,8 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) 
     health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not listen on {config.host}:{config.port}")
     return server, health_, port
