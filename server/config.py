@@ -55,6 +55,7 @@ class ServerConfig:
     tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
     auth_token: str = _opt("", "bearer token the generation service requires; empty = none")
     admin_token: str = _opt("", "bearer token the adapter service requires; empty = none")
+    log_prompts: bool = _opt(False, "put prompt text in the per-request log lines (debugging only)")
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")

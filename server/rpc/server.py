@@ -53,7 +53,8 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) 
     auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token})
     server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                              interceptors=[auth])
-    service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size)
+    service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size,
+                                config.log_prompts)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
     services = (GENERATION,)
     if engine.registry is not None and config.adapter_service:
