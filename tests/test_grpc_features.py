@@ -110,3 +110,16 @@ def test_generated_stubs_match_protos():
     result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_operations_doc_lists_every_setting():
+    """docs/operations.md documents every server setting (its flag and its environment variable)."""
+    import dataclasses
+    import pathlib
+
+    from loraplex.server.config import ENV_PREFIX, ServerConfig
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    missing = [f.name for f in dataclasses.fields(ServerConfig)
+               if f"`--{f.name.replace('_', '-')}`" not in doc or f"`{ENV_PREFIX}{f.name.upper()}`" not in doc]
+    assert not missing, f"docs/operations.md lacks {missing}"
