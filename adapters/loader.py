@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -41,10 +40,9 @@ class SlotLoader:
     def __init__(self, registry, on_done: Done, background_nice: int = 0):
         self.registry = registry
         self.on_done = on_done
-        self._jobs: deque[tuple[object, str, float]] = deque()   # (token, adapter_id, submitted at)
+        self._jobs: deque[tuple[object, str]] = deque()          # (token, adapter_id)
         self._cond = threading.Condition()
         self._stopping = False
-        self.ready_seconds: deque[float] = deque(maxlen=1024)     # submit -> in a slot, recent slot jobs
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
         self._calls = _Calls(lambda: self._reader(background_nice))
@@ -52,7 +50,7 @@ class SlotLoader:
     def submit(self, token: object, adapter_id: str) -> None:
         """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
         with self._cond:
-            self._jobs.append((token, adapter_id, time.monotonic()))
+            self._jobs.append((token, adapter_id))
             self._cond.notify()
 
     def call(self, fn: Callable) -> Future:
@@ -97,7 +95,7 @@ class SlotLoader:
                 if len(waiting) == len(jobs) and not self._stopping:
                     self._cond.wait(RETRY_S)                   # every slot busy: wait for a release
 
-    def _serve(self, token: object, adapter_id: str, submitted: float) -> bool:
+    def _serve(self, token: object, adapter_id: str) -> bool:
         """True when the job is done (in a slot, or failed); False when it must wait for a slot."""
         try:
             got = self.registry.try_acquire(adapter_id)
@@ -110,7 +108,6 @@ class SlotLoader:
             return True
         if got is None:
             return False
-        self.ready_seconds.append(time.monotonic() - submitted)
         self.on_done(token, got, None)
         return True
 

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import pathlib
-import random
-import shutil
 import sys
 import tempfile
 import threading
@@ -32,6 +30,9 @@ from loraplex.server.engine.request import GenerationRequest, StoppingParams
 
 from . import hf, machine
 from .engine_bench import isolated, measure
+from .adapter_files import make_peft_adapters, make_synthetic_adapters, zipf_choice
+from .adapters_plot import plot
+from .bandwidth import bandwidth_floor
 from .ours import Recorder
 from .workload import decode_prompts, last_tokens, poisson_stream, summarize
 
@@ -70,50 +71,6 @@ class Settings:
 
 QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, distinct_files=4, requests=8, rate=20.0,
              min_out=4, max_out=10, wait_quiet=False, online_slots=8, background_streams=2, background_tokens=24)
-
-
-# ---- adapters on disk ------------------------------------------------------------------------------------
-def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) -> list[str]:
-    """n PEFT-made random adapters (init_lora_weights=False) on all 7 projections, in root/a0 .. root/a{n-1}."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    names = []
-    for i in range(n):
-        torch.manual_seed(1000 + i)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-                                                init_lora_weights=False))
-        model.save_pretrained(str(root / f"a{i}"))
-        base = model.unload()
-        names.append(f"a{i}")
-    return names
-
-
-def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, seed: int,
-                            distinct: int) -> list[str]:
-    """n adapters named s0 .. s{n-1}: the template's config and tensor names/shapes with fresh random values
-    of the template's scale. Only `distinct` weight files are written; the other adapters hard-link one of
-    them, so 2,000 rank-16 adapters need ~1.2 GB of files (not 39 GB) and stay in the page cache. The
-    server still reads, validates and copies each id on its own, as separate adapters."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(template / "adapter_model.safetensors"))
-    scales = {k: float(v.float().std()) for k, v in tensors.items()}
-    gen = torch.Generator().manual_seed(seed)
-    names = []
-    for i in range(n):
-        d = root / f"s{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(template / "adapter_config.json", d / "adapter_config.json")
-        weights = d / "adapter_model.safetensors"
-        if i < distinct:
-            save_file({k: (torch.randn(v.shape, generator=gen) * scales[k]).to(v.dtype).contiguous()
-                       for k, v in tensors.items()}, str(weights))
-        else:
-            os.link(root / f"s{i % distinct}" / "adapter_model.safetensors", weights)
-        names.append(f"s{i}")
-    return names
 
 
 # ---- our engine --------------------------------------------------------------------------------------------
@@ -196,14 +153,6 @@ def peft_decode(model, tokenizer, prompts: list[str], adapters: list[str] | None
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-def zipf_choice(names: list[str], n: int, exponent: float, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, len(names) + 1) ** exponent
-    order = rng.permutation(len(names))          # which adapter gets which popularity rank
-    picks = rng.choice(len(names), size=n, p=weights / weights.sum())
-    return [names[order[k]] for k in picks]
-
-
 def run(s: Settings, root: pathlib.Path) -> dict:
     from loraplex.server.model.store import default_model_dir
 
@@ -248,7 +197,7 @@ def run(s: Settings, root: pathlib.Path) -> dict:
               "ours_distinct_vs_peft_mixed": best["ours_distinct"] / best["peft_mixed"],
               "ours_distinct_vs_ours_base": best["ours_distinct"] / best["ours_base"],
               "peft_mixed_vs_peft_base": best["peft_mixed"] / best["peft_base"]}
-    decode.update(bandwidth_floor(best["ours_base"], b, s))
+    decode.update(bandwidth_floor(best["ours_base"], b, s.rank))
     log.info("decode: ours-distinct/PEFT-mixed %.2fx, ours-distinct/ours-base %.3f",
              decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -285,35 +234,6 @@ def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
             "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
             "slots": s.online_slots, **out,
             "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
-
-
-def bandwidth_floor(base_tok_s: float, batch: int, s: Settings) -> dict:
-    """The best ours-distinct/ours-base ratio this machine allows: a step must at least read every distinct
-    adapter's factors once (float32, as served), at the read bandwidth measured here."""
-    from transformers import AutoConfig
-
-    from loraplex.adapters.peft_lora import in_out_features
-    from loraplex.server.model.config import ModelConfig
-    from loraplex.server.model.store import default_model_dir
-
-    model_dir = default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir()))
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
-    per_layer = sum(s.rank * (i + o) for i, o in (in_out_features(cfg, t) for t in TARGETS))
-    adapter_bytes = per_layer * cfg.num_layers * 4
-    bandwidth = max(isolated(_read_rate) for _ in range(3))
-    base_step = batch / base_tok_s
-    lora_step = batch * adapter_bytes / bandwidth
-    return {"adapter_bytes": adapter_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
-            "adapter_read_ms_per_step": lora_step * 1e3, "base_step_ms": base_step * 1e3,
-            "floor_ratio_vs_base": base_step / (base_step + lora_step)}
-
-
-def _read_rate() -> float:
-    t = torch.ones(64 * 2**20)       # 256 MiB, far past the caches; made here, off the main thread
-    t.sum()
-    started = time.perf_counter()
-    t.sum()
-    return t.numel() * t.element_size() / (time.perf_counter() - started)
 
 
 IDLE_LOADS = 8
@@ -371,55 +291,6 @@ def stream_itl(engine, prompts: list[str], adapters: list[str], s: Settings) -> 
     itl = np.concatenate([np.diff(times[1:]) for times in rec.token_times])   # decode steps only
     return {"itl_p50_s": float(np.percentile(itl, 50)), "itl_p99_s": float(np.percentile(itl, 99)),
             "itl_max_s": float(itl.max()), "samples": int(itl.size)}
-
-
-# ---- outputs -----------------------------------------------------------------------------------------------
-def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = result["decode"]
-    online, background = result.get("online"), result.get("background")
-    panels = 1 + bool(online) + bool(background)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
-    axes = list(axes[0])
-    ax = axes.pop(0)
-    labels = ["ours\n16 distinct", "ours\nbase only", "PEFT\n16 mixed", "PEFT\nbase only"]
-    labels = [l.replace("16", str(d["adapters"])) for l in labels]
-    values = [d["ours_distinct_tok_s"], d["ours_base_tok_s"], d["peft_mixed_tok_s"], d["peft_base_tok_s"]]
-    bars = ax.bar(labels, values, color=["#1f77b4", "#9ecae1", "#d62728", "#fcae91"])
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Decode, batch {d['batch']}, {d['new_tokens']} new tokens, rank {d['rank']} on 7 projections",
-                 fontsize=9)
-    if online:
-        ax = axes.pop(0)
-        vals = [online["many"]["throughput_tok_s"], online["one"]["throughput_tok_s"]]
-        bars = ax.bar([f"{online['registered_adapters']} adapters\n(power law)", "one adapter"], vals,
-                      color=["#1f77b4", "#9ecae1"])
-        ax.bar_label(bars, fmt="%.0f")
-        ax.set_ylabel("output tokens/s")
-        ax.set_title(f"Online: {online['requests']} Poisson requests at {online['rate_per_s']:g}/s", fontsize=9)
-    if background:
-        ax = axes.pop(0)
-        runs = [("steady", background["steady"]),
-                (f"{background['rate_per_s']:g} loads/s", background["paced"]),
-                (f"back to back ({background['flat_out']['loads']} loads)", background["flat_out"])]
-        x = np.arange(2)
-        for i, (label, run) in enumerate(runs):
-            bars = ax.bar(x + (i - 1) * 0.27, [run["itl_p50_s"] * 1e3, run["itl_p99_s"] * 1e3], 0.27, label=label,
-                          color=["#9ecae1", "#4292c6", "#08519c"][i])
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_xticks(x, ["ITL p50", "ITL p99"])
-        ax.set_ylabel("ms")
-        ax.legend(fontsize=7)
-        ax.set_title(f"Decode of {background['streams']} streams while adapters load", fontsize=9)
-    fig.suptitle(f"{result['machine']['model']} NF4 on {result['machine']['cpu']} "
-                 f"({result['machine']['cores']} cores)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
