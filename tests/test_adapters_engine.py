@@ -1,7 +1,6 @@
 """Adapters through the whole server: a mixed batch of several LoRA adapters and base-only requests,
 each checked against PEFT with that adapter alone on the same NF4 base (the oracle), plus the faults."""
 
-import os
 import threading
 
 import grpc
@@ -319,71 +318,3 @@ def _wait(predicate, timeout=5.0):
     while time.monotonic() < deadline and not predicate():
         time.sleep(0.01)
     return predicate()
-
-
-def test_decoding_goes_on_while_an_adapter_loads(tiny_model_dir, root, stub_for, monkeypatch):
-    """A slow read (1.5 s, as from a slow disk) happens off the decode loop: a running stream keeps getting
-    tokens meanwhile, and the new request starts once its adapter is in."""
-    import time
-
-    from loraplex.adapters.reader import ReaderProcess
-
-    real = ReaderProcess.read
-    started = threading.Event()
-
-    def slow(self, *args, **kwargs):
-        started.set()
-        time.sleep(1.5)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(ReaderProcess, "read", slow)
-    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
-                          adapter_slots=2)
-    try:
-        stub = stub_for(server.target)
-        stream = stub.GenerateStream(long_request("", n=1000), timeout=120)
-        next(stream)
-        loading = stub.Generate.future(request("small"), timeout=60)
-        assert started.wait(10)
-        during = []
-        t_end = time.monotonic() + 1.0                    # well inside the 1.5 s read
-        for chunk in stream:
-            during.append(time.monotonic())
-            if during[-1] > t_end:
-                break
-        assert not loading.done()                         # still reading
-        assert len(during) > 20                           # the base stream went on meanwhile
-        assert max(b - a for a, b in zip(during, during[1:])) < 0.5
-        assert loading.result().generated_token_count == NEW
-        stream.cancel()
-    finally:
-        server.close()
-
-
-def test_preload_puts_adapters_in_slots_before_serving(tiny_model_dir, root):
-    from loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
-
-    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_slots=2,
-                          adapter_preload="small, team/big")
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            admin = adapters_pb2_grpc.AdapterServiceStub(channel)
-            for adapter_id in ("small", "team/big"):
-                info = admin.GetAdapter(apb.GetAdapterRequest(adapter_id=adapter_id), timeout=30)
-                assert info.tier == apb.DEVICE and not info.pinned
-    finally:
-        server.close()
-    with pytest.raises(Exception, match="preloading adapter 'foreign' failed"):
-        ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, adapter_roots=str(root), adapter_preload="foreign")
-
-
-def test_loader_threads_keep_torch_work_on_one_thread(server):
-    """Loads run beside the engine's thread pool: their torch work must not start a pool of its own, and
-    that setting must not leak into other threads (a later engine, say)."""
-    assert server.engine.loader.call(torch.get_num_threads).result(timeout=30) == 1
-    seen = []
-    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    later.start()
-    later.join()
-    assert seen == [torch.get_num_threads()]
-    assert seen[0] > 1 or (os.cpu_count() or 1) == 1

@@ -69,10 +69,8 @@ class Engine:
             raise UnavailableError("the server is shutting down; retry on another replica"
                                    if self._draining else "the engine has failed; the server is exiting")
         adapter_id = request.adapter_id
-        if adapter_id:
-            if self.registry is None:
-                raise NotFoundError(f"adapter {adapter_id!r} not found (this server has no adapter roots)")
-            self.registry.check(adapter_id)              # a bad or unknown id fails the call at once
+        if adapter_id and self.registry is None:
+            raise NotFoundError(f"adapter {adapter_id!r} not found (this server has no adapter roots)")
         seq = self._new_sequence(request, sink)
         if adapter_id:
             self._take_slot(seq)
@@ -93,6 +91,8 @@ class Engine:
 
     def _take_slot(self, seq: Sequence) -> None:
         got = self.registry.try_acquire_on_device(seq.request.adapter_id)
+        if got is None:
+            self.registry.check(seq.request.adapter_id)   # a bad or unknown id fails the call at once
         if got is None and self.registry.slots_all_pinned():
             raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
         _assign_slot(seq, got)
