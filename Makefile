@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile tests/node/package-lock.json
+$(STAMP): pyproject.toml Makefile tests/node/package-lock.json scripts/install-prometheus.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile tests/node/package-lock.json
 	$(PY) -m loraplex.adapters.native
 	# the independent Node.js gRPC client of the interop test (the machine's node and npm)
 	npm ci --prefix tests/node --no-audit --no-fund --silent
+	# a real Prometheus and promtool for the metrics test (Debian package)
+	scripts/install-prometheus.sh
 	touch $(STAMP)
 
 run: $(STAMP)

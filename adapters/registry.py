@@ -9,6 +9,7 @@ one loads it.
 """
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ..server.errors import (FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError)
+from ..server.metrics import NO_METRICS
 from ..server.model.config import ModelConfig
 from .canonical import Adapter
 from .ids import AdapterNotFound, InvalidAdapterId, resolve_adapter_dir
@@ -38,6 +40,16 @@ class AdapterStatus:
     size_bytes: int = 0
     pinned: bool = False
     running_requests: int = 0
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """How many adapters each tier holds now."""
+    host: int
+    host_bytes: int
+    device: int
+    slots_total: int
+    slots_busy: int       # slots whose adapter serves a running request
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class AdapterRegistry:
         self._loading: dict[str, threading.Lock] = {}
         self._readers: dict[int, object] = {}                     # thread id -> its ReaderProcess
         self.loads = 0
+        self.metrics = NO_METRICS                                 # loads, copies and evictions are counted here
 
     def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
         """(device slot, slot key) of adapter_id's current version, with one more reference; reads it
@@ -86,9 +99,11 @@ class AdapterRegistry:
         key = (adapter_id, resident.version)
         with self._lock:
             try:
-                slot, _, fresh = self.slots.acquire(key)
+                slot, evicted, fresh = self.slots.acquire(key)
             except NoFreeSlot:
                 return None
+            if evicted is not None:
+                self.metrics.adapter_evicted("device")
             if not fresh:
                 while key in self._writing:            # another thread is copying it in: wait for the copy
                     self._written.wait()
@@ -99,8 +114,10 @@ class AdapterRegistry:
             self._writing.add(key)
         # Outside the lock (releases and admin calls go on meanwhile): the slot is ours, its old adapter
         # has no running request, and `_writing` keeps others from using it before the copy ends.
+        started = time.monotonic()
         try:
             self.buffers.write(slot, resident.adapter)
+            self.metrics.adapter_copied(time.monotonic() - started)
         except BaseException:
             with self._lock:
                 self._writing.discard(key)
@@ -201,16 +218,33 @@ class AdapterRegistry:
 
     def _read(self, adapter_id: str, directory: Path) -> Adapter:
         reader = self._readers.get(threading.get_ident())
+        started, result = time.monotonic(), "error"
         try:
             if reader is not None:
-                return reader.read(directory, adapter_id)
-            return load_peft_lora(directory, adapter_id, self.model, self.max_rank, self.dtype)
+                adapter = reader.read(directory, adapter_id)
+            else:
+                adapter = load_peft_lora(directory, adapter_id, self.model, self.max_rank, self.dtype)
+            result = "ok"
+            return adapter
         except AdapterFormatError as exc:
+            result = "invalid"
             raise FailedPreconditionError(f"adapter {adapter_id!r} cannot be served: {exc}") from None
+        finally:
+            self.metrics.adapter_read(result, time.monotonic() - started)
 
     def _trim_host(self) -> None:
-        while len(self._host) > 1 and sum(r.adapter.size_bytes for r in self._host.values()) > self.host_cache_bytes:
+        while len(self._host) > 1 and self._host_bytes() > self.host_cache_bytes:
             self._host.popitem(last=False)
+            self.metrics.adapter_evicted("host")
+
+    def _host_bytes(self) -> int:
+        return sum(r.adapter.size_bytes for r in self._host.values())
+
+    def tiers(self) -> Tiers:
+        with self._lock:
+            keys = self.slots.keys()
+            return Tiers(len(self._host), self._host_bytes(), len(keys), self.slots.num_slots,
+                         sum(1 for k in keys if self.slots.refs(k)))
 
     # ---- administration (the AdapterService) -------------------------------------------------
 

@@ -57,6 +57,11 @@ class ServerConfig:
     admin_token: str = _opt("", "bearer token the adapter service requires; empty = none")
     log_prompts: bool = _opt(False, "put prompt text in the per-request log lines (debugging only)")
     host: str = _opt("127.0.0.1", "address to listen on")
+    metrics: bool = _opt(True, "serve Prometheus metrics over HTTP at /metrics")
+    metrics_host: str = _opt("", "address of the metrics endpoint; empty = the same as --host")
+    metrics_port: int = _opt(9477, "port of the metrics endpoint (0 = pick a free one)")
+    metrics_top_adapters: int = _opt(20, "adapters with their own series in loraplex_adapter_requests_total; "
+                                         "the rest count as adapter=\"other\"")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads serving RPCs")
     threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
@@ -72,7 +77,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens"):
+        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens",
+                     "metrics_port", "metrics_top_adapters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .config import ServerConfig, add_config_flags, config_from_args
 from .engine.engine import Engine
 from .engine.request import GenerationRequest, StoppingParams
+from .metrics import Metrics
 
 log = logging.getLogger("loraplex.server")
 
@@ -56,24 +57,38 @@ class Running:
     engine: Engine
     port: int
     model: object
+    metrics: Metrics | None = None
+    metrics_server: object = None       # the HTTP server of /metrics
+    metrics_port: int = 0
 
 
 async def start(config: ServerConfig) -> Running:
-    """Loads the model, starts listening (NOT_SERVING), warms up, then reports SERVING."""
+    """Loads the model, starts listening (NOT_SERVING), warms up, then reports SERVING. Metrics count from
+    then on, so the warm-up is not in them."""
     from .build import launch_engine
     from .rpc.server import build_server
 
     engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
-    server, health, port = build_server(config, engine, model)
+    metrics = Metrics(config.metrics_top_adapters) if config.metrics else None
+    server, health, port = build_server(config, engine, model, metrics)
+    running = Running(server, health, engine, port, model, metrics)
+    if metrics is not None:
+        metrics.watch(engine, model)
+        host = config.metrics_host or config.host
+        running.metrics_server = metrics.serve(host, config.metrics_port)
+        running.metrics_port = running.metrics_server.server_address[1]
+        print(f"loraplex metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
     await server.start()
     await health.set(False)
     print(f"loraplex listening on {config.host}:{port} (model {model.name}, {model.device}, {model.dtype})",
           flush=True)
     if config.warmup:
         await asyncio.get_running_loop().run_in_executor(None, warm_up, engine)
+    if metrics is not None:
+        engine.observe(metrics)
     await health.set(True)
     print("loraplex ready: SERVING", flush=True)
-    return Running(server, health, engine, port, model)
+    return running
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -89,6 +104,14 @@ async def shutdown(running: Running, grace: float) -> None:
         log.warning("grace period over: cancelling the requests still running")
     await running.server.stop(1.0)       # a second to hand over the last responses; the rest is cancelled
     running.engine.stop()
+    stop_metrics(running)
+
+
+def stop_metrics(running: Running) -> None:
+    if running.metrics_server is not None:
+        running.metrics_server.shutdown()
+        running.metrics_server.server_close()
+        running.metrics_server = None
 
 
 async def serve(config: ServerConfig, on_start=None) -> int:
@@ -113,6 +136,7 @@ async def serve(config: ServerConfig, on_start=None) -> int:
         log.critical("the engine failed: NOT_SERVING, exiting with status %d", EXIT_ENGINE_FAILED)
         await running.health.set(False)
         await running.server.stop(0.5)
+        stop_metrics(running)
         return EXIT_ENGINE_FAILED
     await shutdown(running, config.shutdown_grace_seconds)
     return 0

@@ -116,6 +116,9 @@ def test_queue_full_is_resource_exhausted(tiny_model_dir, stub_for):
         running.cancel()
         queued.cancel()
         assert wait_for(lambda: server.engine.stats().running + server.engine.stats().waiting == 0)
+        failures = server.running.metrics.registry.get_sample_value
+        assert failures("loraplex_request_failure_total", {"reason": "queue_full"}) == 1
+        assert wait_for(lambda: failures("loraplex_request_failure_total", {"reason": "cancelled"}) == 2)
         assert stub.Generate(gen(max_new_tokens=2, min_new_tokens=2), timeout=30).generated_token_count == 2
     finally:
         server.close()

@@ -24,7 +24,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def spawn(model_dir, grace: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.main", "--model", str(model_dir), "--port", "0",
-                             "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace)],
+                             "--metrics-port", "0", "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target, deadline = None, time.monotonic() + 120
     for line in proc.stdout:                      # "listening on HOST:PORT", then "ready: SERVING"
@@ -86,7 +86,7 @@ def test_grace_period_bounds_the_drain(tiny_model_dir):
 
 
 def test_engine_failure_turns_not_serving_and_exits_one(tiny_model_dir, stub_for):
-    config = ServerConfig(model=str(tiny_model_dir), port=0, kv_cache_mb=16)
+    config = ServerConfig(model=str(tiny_model_dir), port=0, metrics_port=0, kv_cache_mb=16)
     box: dict = {}
 
     def broken_schedule():

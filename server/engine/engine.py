@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ...adapters.loader import SlotLoader
+from ..metrics import NO_METRICS, Metrics
 from ..errors import (InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError,
                       UnavailableError)
 from .prompt import encode_prompt, truncate
@@ -62,6 +63,13 @@ class Engine:
         self.failed = threading.Event()      # set when the loop itself died (not when one step failed)
         self.failure: BaseException | None = None
         self.steps = 0
+        self.metrics: Metrics = NO_METRICS
+
+    def observe(self, metrics: Metrics) -> None:
+        """Counts this engine's work (and its adapter registry's) in `metrics` from now on."""
+        self.metrics = metrics
+        if self.registry is not None:
+            self.registry.metrics = metrics
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
@@ -96,6 +104,7 @@ class Engine:
         if got is None and self.registry.slots_all_pinned():
             raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
         _assign_slot(seq, got)
+        self.metrics.adapter_requested(seq.request.adapter_id)
 
     def _adapter_ready(self, seq: Sequence, got: tuple | None, error: LoraplexError | None) -> None:
         """The loader's answer for a waiting request: its slot, or why its adapter cannot be served."""
@@ -106,6 +115,8 @@ class Engine:
                     self.registry.release(got[1])
                 return
             if error is not None:
+                if not isinstance(error, NotFoundError):
+                    error.because("adapter_load")
                 self._finish(seq, StopReason.ERROR)
                 out = self._output(seq, "", [], True, StopReason.ERROR, error=error)
             else:
@@ -231,6 +242,7 @@ class Engine:
                     seq.in_step = True
             if batch is None:
                 continue
+            self.metrics.step(batch.prefill, batch.seqs)
             self._run(batch)
 
     def _run(self, batch: Batch) -> None:
@@ -260,8 +272,9 @@ class Engine:
             return seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)
         token = sampled.token_ids[i]
         seq.output_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
+        now = time.monotonic()
+        self.metrics.token(seq, now)
+        seq.last_token_time = now
         info = self._token_info(seq, token, sampled, i)
         n_out, stopping = len(seq.output_ids), seq.request.stopping
         text, stop_seq = seq.tracker.update(seq.output_ids, check_stops=n_out >= stopping.min_new_tokens)
@@ -315,5 +328,5 @@ def _assign_slot(seq: Sequence, got: tuple | None) -> None:
 
 def _classify(exc: Exception) -> Exception:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower():
-        return ResourceExhaustedError(f"out of memory while running the batch: {exc}")
+        return ResourceExhaustedError(f"out of memory while running the batch: {exc}").because("oom")
     return InternalError(f"the step failed: {type(exc).__name__}: {exc}")

@@ -27,7 +27,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_queue_size:
-            raise ResourceExhaustedError(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+            raise ResourceExhaustedError(f"the queue is full ({self.max_queue_size} requests waiting); "
+                                         f"retry later").because("queue_full")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

@@ -69,13 +69,12 @@ class Sequence:
         self.sink = sink
         self.max_total_tokens = max_total_tokens   # prompt + output, the context window or less
         self.arrival = time.monotonic()
-        self.first_token_time: float | None = None
-        self.pending_tokens: list[TokenInfo] = []
+        self.last_token_time: float | None = None   # when its latest token was sampled
         self.aborted = False
         self.in_step = False
         self.slot = -1                 # device slot of the request's adapter; -1 = base model only
         self.adapter_key = None        # (adapter_id, version) the request holds a slot reference on
-        self.adapter_pending = False   # waiting for a free adapter slot           # inside the step the model is running now
+        self.adapter_pending = False   # waiting for its adapter to reach a slot
 
     @property
     def num_tokens(self) -> int:

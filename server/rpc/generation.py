@@ -10,8 +10,9 @@ from ..build import ModelDescription
 from ..engine.engine import Engine
 from ..engine.sequence import RequestOutput
 from ..errors import InvalidArgumentError, LoraplexError
+from ..metrics import NO_METRICS, Metrics
 from .convert import to_request, to_response
-from .errors import abort_with, status_for
+from .errors import abort_with
 from .request_log import RequestLog
 
 log = logging.getLogger(__name__)
@@ -19,9 +20,10 @@ log = logging.getLogger(__name__)
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
     def __init__(self, engine: Engine, model: ModelDescription, default_max_new_tokens: int, max_batch_size: int,
-                 log_prompts: bool = False):
+                 log_prompts: bool = False, metrics: Metrics = NO_METRICS):
         self.engine = engine
         self.log_prompts = log_prompts
+        self.metrics = metrics
         self.model = model
         self.default_max_new_tokens = default_max_new_tokens
         self.max_batch_size = max_batch_size
@@ -43,29 +45,31 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         """Yields the request's outputs; aborts the RPC with the mapped status on any engine error."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        record = RequestLog(request, self.log_prompts)
+        record = RequestLog(request, self.log_prompts, self.metrics)
         try:
             req = to_request(request, self.default_max_new_tokens)
             sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)   # noqa: E731
-            # on an executor thread: a first request for an adapter reads it from disk
+            # on an executor thread: it tokenizes the prompt and checks the adapter id on disk
             await loop.run_in_executor(None, self.engine.add_request, req, sink)
         except LoraplexError as exc:
-            record.done(status_for(exc)[0].name)
+            record.failed(exc)
             await abort_with(context, exc)
-        finished, ended = False, "CANCELLED"
+        finished = False
         try:
             while not finished:
                 out = await queue.get()
                 record.output(out)
                 if out.error is not None:
-                    finished, ended = True, status_for(out.error)[0].name
+                    finished = True
+                    record.failed(out.error)
                     await abort_with(context, out.error)
                 finished = out.finished
-                ended = out.stop_reason.name if finished else ended
+                if finished:
+                    record.succeeded(out.stop_reason.name)
                 yield out
         finally:
-            record.done(ended)
             if not finished:   # the client went away (cancel, deadline): free its memory now
+                record.abandoned(context.time_remaining())
                 self.engine.abort(req.request_id)
 
     async def Tokenize(self, request, context):

@@ -1,7 +1,8 @@
-"""One structured (JSON) log line per generation request, on the `loraplex.requests` logger.
+"""How each generation request ended: one structured (JSON) log line on the `loraplex.requests` logger, and
+its outcome in the metrics (success by stop reason, or failure by reason, see metrics.py).
 
-Fields: request id, adapter, tokens in and out, how it ended (stop reason, or the status of an error or a
-cancellation), time to first token and total time. The prompt text is never logged unless the server runs
+Log fields: request id, adapter, tokens in and out, how it ended (stop reason, or the status of an error or
+a cancellation), time to first token and total time. The prompt text is never logged unless the server runs
 with --log-prompts.
 """
 
@@ -9,12 +10,20 @@ import json
 import logging
 import time
 
+from ..errors import LoraplexError
+from ..metrics import NO_METRICS, Metrics
+from .errors import status_for
+
 log = logging.getLogger("loraplex.requests")
+
+# A call cancelled this close to its deadline was ended by the deadline (the client's clock runs out first).
+DEADLINE_SLACK_S = 0.1
 
 
 class RequestLog:
-    def __init__(self, request, include_prompt: bool):
+    def __init__(self, request, include_prompt: bool, metrics: Metrics = NO_METRICS):
         self.started = time.monotonic()
+        self.metrics = metrics
         self.first_token: float | None = None
         self.fields = {"request_id": request.request_id or None, "adapter": request.adapter_id or None}
         if include_prompt:
@@ -26,7 +35,21 @@ class RequestLog:
         self.fields.update(request_id=out.request_id, input_tokens=out.input_token_count,
                            output_tokens=out.generated_token_count)
 
-    def done(self, ended: str) -> None:
+    def succeeded(self, stop_reason: str) -> None:
+        self.metrics.succeeded(stop_reason, time.monotonic() - self.started)
+        self._write(stop_reason)
+
+    def failed(self, error: LoraplexError) -> None:
+        self.metrics.failed(getattr(error, "reason", "internal"))
+        self._write(status_for(error)[0].name)
+
+    def abandoned(self, time_remaining: float | None) -> None:
+        """The client went away before the end: it cancelled, or its deadline passed."""
+        deadline = time_remaining is not None and time_remaining <= DEADLINE_SLACK_S
+        self.metrics.failed("deadline" if deadline else "cancelled")
+        self._write("DEADLINE_EXCEEDED" if deadline else "CANCELLED")
+
+    def _write(self, ended: str) -> None:
         now = time.monotonic()
         self.fields.update(ended=ended, total_s=round(now - self.started, 4),
                            ttft_s=round(self.first_token - self.started, 4) if self.first_token else None)

@@ -11,6 +11,7 @@ from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generat
 from ..build import ModelDescription
 from ..config import ServerConfig
 from ..engine.engine import Engine
+from ..metrics import NO_METRICS, Metrics
 from .generation import GenerationService
 from .security import TokenAuth, server_credentials
 
@@ -48,13 +49,14 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.http2.max_ping_strikes", 2)]
 
 
-def build_server(config: ServerConfig, engine: Engine, model: ModelDescription) -> tuple[grpc.aio.Server, Health, int]:
+def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
+                 metrics: Metrics | None = None) -> tuple[grpc.aio.Server, Health, int]:
     credentials = server_credentials(config)
     auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token})
     server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                              interceptors=[auth])
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size,
-                                config.log_prompts)
+                                config.log_prompts, metrics or NO_METRICS)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
     services = (GENERATION,)
     if engine.registry is not None and config.adapter_service:
