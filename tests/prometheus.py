@@ -25,12 +25,15 @@ def binary(name: str) -> str:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str, interval_ms: int = 500):
+    def __init__(self, workdir: Path, target: str, rule_files: tuple[Path, ...] = (), interval_ms: int = 500):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "prometheus.yml"
+        rules = "".join(f"  - {path}\n" for path in rule_files)
         config.write_text(f"global:\n  scrape_interval: {interval_ms}ms\n  scrape_timeout: {interval_ms}ms\n"
-                          f"scrape_configs:\n  - job_name: loraplex\n    static_configs:\n"
+                          f"  evaluation_interval: {interval_ms}ms\n"
+                          + (f"rule_files:\n{rules}" if rules else "")
+                          + f"scrape_configs:\n  - job_name: loraplex\n    static_configs:\n"
                           f"      - targets: ['{target}']\n")
         self.log = open(workdir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
@@ -81,6 +84,15 @@ class Prometheus:
                     return target
             time.sleep(0.2)
         raise AssertionError(f"no successful scrape after {moment} within {timeout}s: {self.api('targets')}")
+
+    def rules(self, timeout: float = 30) -> list[dict]:
+        """The loaded rules, once each has been evaluated at least once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rules = [r for group in self.api("rules")["groups"] for r in group["rules"]]
+            if all(r["health"] != "unknown" for r in rules) or time.monotonic() > deadline:
+                return rules
+            time.sleep(0.2)
 
     def close(self) -> None:
         self.proc.terminate()

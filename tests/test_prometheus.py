@@ -2,6 +2,8 @@
 what its HTTP API answers must match what the workload did, as counted by the client (requests, tokens,
 failures by reason, adapters). `promtool check metrics` must find nothing wrong with the exposition."""
 
+import pathlib
+import re
 import subprocess
 import threading
 import time
@@ -21,6 +23,7 @@ from servers import ServerThread, make_tiny_model
 NEW = 5          # tokens per finished request (min = max, so each gives exactly NEW)
 LONG = 400       # tokens asked by the requests that are cut off
 PROMPT = "The weather today is"
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
 
 
 def request(adapter_id="", new=NEW, **sampling):
@@ -77,10 +80,12 @@ class Workload:
 def scraped(tmp_path_factory, tiny_model_dir, root):
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
                           adapter_slots=4, metrics_top_adapters=1)
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.running.metrics_port}")
+    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.running.metrics_port}",
+                            rule_files=(DOCS / "prometheus" / "alerts.yml",))
     channel = grpc.insecure_channel(server.target)
     work = Workload(pb_grpc.GenerationServiceStub(channel))
     try:
+        prometheus.wait_for_scrape_after(time.time())       # a sample from before the workload, for rate()
         base = [threading.Thread(target=work.generate, args=(request(),)) for _ in range(4)]
         for t in base:
             t.start()
@@ -186,3 +191,35 @@ def test_promtool_finds_no_problem(scraped):
 
 def _instance(prometheus) -> str:
     return prometheus.api("targets")["activeTargets"][0]["labels"]["instance"]
+
+
+def test_documented_alert_rules_load_and_evaluate(scraped):
+    prometheus, _, _ = scraped
+    rules = prometheus.rules()
+    assert len(rules) == 9
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    firing = [r["name"] for r in rules if r.get("state") == "firing"]
+    assert firing == ["LoraplexAdapterLoadFailures"]   # the workload asked for an adapter that cannot be served
+
+
+def test_documented_scrape_config_and_rules_pass_promtool():
+    result = subprocess.run([binary("promtool"), "check", "config", str(DOCS / "prometheus" / "prometheus.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 9 rules found" in result.stdout
+
+
+def panel_queries() -> list[str]:
+    """The PromQL of docs/operations.md's panel table (third column, each query in backticks)."""
+    doc = (DOCS / "operations.md").read_text()
+    table = doc.split("### Dashboard panels", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    return [q for row in rows for q in re.findall(r"`([^`]+)`", row.split(" | ")[2])]
+
+
+def test_documented_dashboard_queries_return_data(scraped):
+    prometheus, _, _ = scraped
+    queries = panel_queries()
+    assert len(queries) >= 20
+    empty = [q for q in queries if not prometheus.query(q)]
+    assert empty == []
