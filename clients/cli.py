@@ -231,16 +231,17 @@ def _tokenize(args, _extra) -> int:
 
 
 def _demo(args, server_flags: list[str]) -> int:
-    port = args.port or free_port()
+    port, metrics_port = args.port or free_port(), free_port()
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as tmp:
         log_path = pathlib.Path(tmp) / "server.log"
-        server = _start_server(port, server_flags, log_path)
+        server = _start_server(port, metrics_port, server_flags, log_path)
         previous = _interrupt_on_sigterm()   # the server has its own session: a killed demo must stop it
         try:
             if not _wait_for_server(server, target, log_path, args.startup_timeout):
                 return 1
             _ask(target)
+            _show_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             code = _stop_server(server)
             if previous is not None:
@@ -268,18 +269,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(port: int, server_flags: list[str]) -> list[str]:
+def server_command(port: int, server_flags: list[str], metrics_port: int = 0) -> list[str]:
     # The user's flags come last so that theirs win (argparse keeps the last value).
     return [sys.executable, "-m", "loraplex.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            *server_flags]
+            "--metrics-port", str(metrics_port), *server_flags]
 
 
-def _start_server(port: int, server_flags: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+def _start_server(port: int, metrics_port: int, server_flags: list[str], log_path: pathlib.Path) -> subprocess.Popen:
     print(f"starting loraplex serve on 127.0.0.1:{port} "
           "(the first start converts the embedded model once; that can take about a minute)", flush=True)
     with open(log_path, "wb") as log:
         # Own session: Ctrl-C reaches only the demo, which then stops the server with SIGTERM.
-        return subprocess.Popen(server_command(port, server_flags), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(server_command(port, server_flags, metrics_port), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -317,6 +318,36 @@ def _ask(target: str) -> None:
         print(f"\ncompletion> {DEMO_PROMPT}")
         result, _ = _print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
         print(summary(result) + "\n")
+
+
+def _show_metrics(url: str) -> None:
+    """A few of the server's Prometheus metrics, as a scrape sees them."""
+    import urllib.request
+    from collections import Counter
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        print(f"(no metrics from {url}: {exc})")
+        return
+    total: Counter[str] = Counter()          # each sample name summed over its labels
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            total[sample.name] += sample.value
+
+    def mean_ms(histogram: str) -> str:
+        count = total[histogram + "_count"]
+        return f"{total[histogram + '_sum'] / count * 1000:.0f} ms" if count else "-"
+
+    print(f"metrics ({url}):")
+    print(f"  requests finished {total['loraplex_request_success_total']:.0f}, failed "
+          f"{total['loraplex_request_failure_total']:.0f}; prompt tokens {total['loraplex_prompt_tokens_total']:.0f}, "
+          f"generated tokens {total['loraplex_generation_tokens_total']:.0f}")
+    print(f"  mean time to first token {mean_ms('loraplex_time_to_first_token_seconds')}, "
+          f"mean inter-token latency {mean_ms('loraplex_inter_token_latency_seconds')}\n")
 
 
 def _stop_server(server: subprocess.Popen) -> int:

@@ -135,7 +135,7 @@ def test_unknown_flags_are_refused_except_by_demo():
         cli.main(["info", "--bogus"])
     args, extra = cli.build_parser({}).parse_known_args(["demo", "--port", "5", "--model", "/m", "--no-warmup"])
     assert (args.port, extra) == (5, ["--model", "/m", "--no-warmup"])
-    assert cli.server_command(5, extra)[-5:] == ["--port", "5", "--model", "/m", "--no-warmup"]
+    assert cli.server_command(5, extra, 6)[-7:] == ["--port", "5", "--metrics-port", "6", "--model", "/m", "--no-warmup"]
 
 
 @pytest.mark.parametrize("argv, module, attr", [(["serve", "--port", "1", "--help"], "loraplex.server.main", "main"),
@@ -280,6 +280,7 @@ def test_demo_runs_a_server_and_stops_it(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert cli.DEMO_QUESTION in out and "server stopped." in out
+    assert "requests finished 2, failed 0;" in out     # read from the server's /metrics after both answers
 
 
 def test_demo_reports_a_dead_server(tmp_path, capsys):
