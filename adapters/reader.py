@@ -105,11 +105,16 @@ class ReaderProcess:
             if self._shared is None:
                 self._shared = torch.empty(self._capacity, dtype=torch.uint8).share_memory_()
             parent, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_serve, args=(child, self._shared, *self._args), daemon=True,
-                                     name="loraplex-adapter-reader")
-            self._proc.start()
-            child.close()
-            self._conn = parent
+            proc = ctx.Process(target=_serve, args=(child, self._shared, *self._args), daemon=True,
+                               name="loraplex-adapter-reader")
+            try:
+                proc.start()
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            self._proc, self._conn = proc, parent
         return self._conn
 
     def _close_locked(self) -> None:

@@ -1,5 +1,5 @@
 """Adapters read in a child process (adapters/reader.py) equal the in-process read exactly; format errors
-keep their message; a child that dies is replaced."""
+keep their message; a child that dies is replaced; with no child at all, reads happen in the server."""
 
 import os
 import signal
@@ -48,3 +48,20 @@ def test_a_dead_child_is_replaced(reader, base_dir, tmp_path):  # noqa: F811
     os.kill(first, signal.SIGKILL)
     reader._proc.join(5)
     assert reader.read(directory, "a").rank == 4 and reader._proc.pid != first
+
+
+def test_no_child_can_start_so_reads_happen_here(base_config, base_dir, tmp_path, monkeypatch):  # noqa: F811
+    # e.g. a main script without the `if __name__ == "__main__":` guard: every child start raises
+    import multiprocessing.context
+
+    def refuse(self):
+        raise RuntimeError("An attempt has been made to start a new process before bootstrapping finished")
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", refuse)
+    reader = ReaderProcess(base_config, max_rank=16, dtype=torch.float32)
+    try:
+        reader.start()                                     # logs, does not raise
+        make_adapter(base_dir, tmp_path / "a", r=4)
+        assert reader.read(tmp_path / "a", "a").rank == 4
+        assert reader._proc is None and reader._in_process
+    finally:
+        reader.close()
