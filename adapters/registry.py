@@ -83,6 +83,7 @@ class AdapterRegistry:
         self._readers: dict[int, object] = {}                     # thread id -> its ReaderProcess
         self.loads = 0
         self.metrics = NO_METRICS                                 # loads, copies and evictions are counted here
+        self.copy_runner = _call                                  # how slot copies run (the engine: between steps)
 
     def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
         """(device slot, slot key) of adapter_id's current version, with one more reference; reads it
@@ -114,10 +115,8 @@ class AdapterRegistry:
             self._writing.add(key)
         # Outside the lock (releases and admin calls go on meanwhile): the slot is ours, its old adapter
         # has no running request, and `_writing` keeps others from using it before the copy ends.
-        started = time.monotonic()
         try:
-            self.buffers.write(slot, resident.adapter)
-            self.metrics.adapter_copied(time.monotonic() - started)
+            self.copy_runner(lambda: self._copy(slot, resident.adapter))
         except BaseException:
             with self._lock:
                 self._writing.discard(key)
@@ -130,6 +129,11 @@ class AdapterRegistry:
             self._writing.discard(key)
             self._written.notify_all()
         return slot, key
+
+    def _copy(self, slot: int, adapter: Adapter) -> None:
+        started = time.monotonic()
+        self.buffers.write(slot, adapter)
+        self.metrics.adapter_copied(time.monotonic() - started)
 
     def try_acquire_on_device(self, adapter_id: str) -> tuple[int, tuple[str, int]] | None:
         """(slot, key) with one more reference when adapter_id's current version already sits in a slot;
@@ -310,6 +314,10 @@ class AdapterRegistry:
             for config in list(root.glob("*/adapter_config.json")) + list(root.glob("*/*/adapter_config.json")):
                 found.add(config.parent.relative_to(root).as_posix())
         return sorted(found)
+
+
+def _call(fn):
+    return fn()
 
 
 def _signature(directory: Path) -> tuple:

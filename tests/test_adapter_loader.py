@@ -78,3 +78,40 @@ def test_loader_threads_keep_torch_work_on_one_thread(server):
     later.join()
     assert seen == [torch.get_num_threads()]
     assert seen[0] > 1 or (os.cpu_count() or 1) == 1
+
+
+def test_slot_copies_run_on_the_engine_thread_between_steps(tiny_model_dir, root, stub_for, monkeypatch):
+    """A copy into a slot never overlaps a model step: the engine runs it between two steps, while the
+    loader thread waits for it."""
+    from loraplex.adapters.slots import SlotBuffers
+
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=2)
+    try:
+        engine, stepping, copies = server.engine, threading.Event(), []
+        real_step, real_write = engine.runner.step, SlotBuffers.write
+
+        def step(*args, **kwargs):
+            stepping.set()
+            try:
+                return real_step(*args, **kwargs)
+            finally:
+                stepping.clear()
+
+        def write(self, *args, **kwargs):
+            copies.append((threading.current_thread() is engine._thread, stepping.is_set()))
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(engine.runner, "step", step)
+        monkeypatch.setattr(SlotBuffers, "write", write)
+        stub = stub_for(server.target)
+        stream = stub.GenerateStream(long_request("", n=300), timeout=120)
+        next(stream)
+        assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
+        assert stub.Generate(request("team/big"), timeout=60).generated_token_count == NEW
+        assert copies == [(True, False), (True, False)]
+        stream.cancel()
+    finally:
+        server.close()
+    # with the loop stopped, a copy runs on the thread that asks for it
+    assert engine.between_steps(threading.current_thread) is threading.current_thread()
