@@ -37,7 +37,9 @@ RETRY_S = 0.05    # a job waiting for a slot is retried at least this often (rel
 
 
 class SlotLoader:
-    def __init__(self, registry, on_done: Done, background_nice: int = 0):
+    def __init__(self, registry, on_done: Done, background_nice: int = 0, background_copies=None):
+        """background_copies(fn), if given, runs the slot copies of administrative loads (the engine runs
+        them between two steps); a request's own load copies at once, since the request waits for it."""
         self.registry = registry
         self.on_done = on_done
         self._jobs: deque[tuple[object, str]] = deque()          # (token, adapter_id)
@@ -45,7 +47,7 @@ class SlotLoader:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
-        self._calls = _Calls(lambda: self._reader(background_nice))
+        self._calls = _Calls(lambda: self._reader(background_nice, background_copies))
 
     def submit(self, token: object, adapter_id: str) -> None:
         """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
@@ -68,11 +70,12 @@ class SlotLoader:
         self._calls.stop()
         self._thread.join(5)
 
-    def _reader(self, nice: int) -> ReaderProcess:
-        """This thread's reads go to a child process of its own (see reader.py), both at `nice`."""
+    def _reader(self, nice: int, copies=None) -> ReaderProcess:
+        """This thread's reads go to a child process of its own (see reader.py), both at `nice`; its slot
+        copies run through `copies` when given."""
         _set_nice(nice)
         reader = ReaderProcess(self.registry.model, self.registry.max_rank, self.registry.dtype, nice)
-        self.registry.use_reader(reader)
+        self.registry.use_reader(reader, copies)
         reader.start()                    # on this thread, so the server's start does not wait for it
         return reader
 

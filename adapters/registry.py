@@ -81,9 +81,9 @@ class AdapterRegistry:
         self._written = threading.Condition(self._lock)           # signalled when a slot copy ends
         self._loading: dict[str, threading.Lock] = {}
         self._readers: dict[int, object] = {}                     # thread id -> its ReaderProcess
+        self._copiers: dict[int, object] = {}                     # thread id -> how its slot copies run
         self.loads = 0
         self.metrics = NO_METRICS                                 # loads, copies and evictions are counted here
-        self.copy_runner = _call                                  # how slot copies run (the engine: between steps)
 
     def acquire(self, adapter_id: str) -> tuple[int, tuple[str, int]]:
         """(device slot, slot key) of adapter_id's current version, with one more reference; reads it
@@ -116,7 +116,7 @@ class AdapterRegistry:
         # Outside the lock (releases and admin calls go on meanwhile): the slot is ours, its old adapter
         # has no running request, and `_writing` keeps others from using it before the copy ends.
         try:
-            self.copy_runner(lambda: self._copy(slot, resident.adapter))
+            self._copiers.get(threading.get_ident(), _call)(lambda: self._copy(slot, resident.adapter))
         except BaseException:
             with self._lock:
                 self._writing.discard(key)
@@ -215,10 +215,13 @@ class AdapterRegistry:
         self._failed.discard(key)
         self.buffers.clear(self.slots.remove(key))
 
-    def use_reader(self, reader) -> None:
+    def use_reader(self, reader, copy_runner=None) -> None:
         """Reads made on the calling thread go through `reader` (a ReaderProcess) from now on; other
-        threads read in this process."""
+        threads read in this process. copy_runner(fn), if given, runs this thread's slot copies (the
+        engine's between_steps); other threads copy at once."""
         self._readers[threading.get_ident()] = reader
+        if copy_runner is not None:
+            self._copiers[threading.get_ident()] = copy_runner
 
     def _read(self, adapter_id: str, directory: Path) -> Adapter:
         reader = self._readers.get(threading.get_ident())

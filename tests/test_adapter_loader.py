@@ -80,9 +80,10 @@ def test_loader_threads_keep_torch_work_on_one_thread(server):
     assert seen[0] > 1 or (os.cpu_count() or 1) == 1
 
 
-def test_slot_copies_run_on_the_engine_thread_between_steps(tiny_model_dir, root, stub_for, monkeypatch):
-    """A copy into a slot never overlaps a model step: the engine runs it between two steps, while the
-    loader thread waits for it."""
+def test_background_slot_copies_run_on_the_engine_thread_between_steps(tiny_model_dir, root, stub_for,
+                                                                       monkeypatch):
+    """An administrative load's copy into a slot never overlaps a model step: the engine runs it between two
+    steps while the loader thread waits for it. A request's own load copies at once, on the loader thread."""
     from loraplex.adapters.slots import SlotBuffers
 
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
@@ -99,7 +100,7 @@ def test_slot_copies_run_on_the_engine_thread_between_steps(tiny_model_dir, root
                 stepping.clear()
 
         def write(self, *args, **kwargs):
-            copies.append((threading.current_thread() is engine._thread, stepping.is_set()))
+            copies.append((threading.current_thread().name, stepping.is_set()))
             return real_write(self, *args, **kwargs)
 
         monkeypatch.setattr(engine.runner, "step", step)
@@ -107,9 +108,10 @@ def test_slot_copies_run_on_the_engine_thread_between_steps(tiny_model_dir, root
         stub = stub_for(server.target)
         stream = stub.GenerateStream(long_request("", n=300), timeout=120)
         next(stream)
+        engine.loader.call(lambda: engine.registry.preload("team/big")).result(60)     # as LoadAdapter --pin
+        assert copies == [("loraplex-engine", False)]
         assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
-        assert stub.Generate(request("team/big"), timeout=60).generated_token_count == NEW
-        assert copies == [(True, False), (True, False)]
+        assert copies[1][0] == "loraplex-adapter-loader"
         stream.cancel()
     finally:
         server.close()

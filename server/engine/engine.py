@@ -55,7 +55,8 @@ class Engine:
         self.limits = limits
         self.eos_ids = eos_ids
         self.registry = registry      # adapters; None = adapters off
-        self.loader = SlotLoader(registry, self._adapter_ready, loader_nice) if registry is not None else None
+        self.loader = (SlotLoader(registry, self._adapter_ready, loader_nice, self.between_steps)
+                       if registry is not None else None)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
@@ -68,8 +69,6 @@ class Engine:
         self.failure: BaseException | None = None
         self.steps = 0
         self.metrics: Metrics = NO_METRICS
-        if registry is not None:
-            registry.copy_runner = self.between_steps
 
     def observe(self, metrics: Metrics) -> None:
         """Counts this engine's work (and its adapter registry's) in `metrics` from now on."""
@@ -81,9 +80,10 @@ class Engine:
         """Runs fn() on the loop's thread between two steps (one such call per step at most) and returns
         its result; at once on the calling thread when that is the loop's, or when no loop runs.
 
-        Adapter slot copies go through here: on 2 cores, a copy on another thread while a step runs takes a
-        core from the step's thread pool, whose threads then wait for each other; between steps it costs
-        that one step the copy's few milliseconds."""
+        The slot copies of administrative adapter loads go through here: on 2 cores, a copy on another
+        thread while a step runs takes a core from the step's thread pool, whose threads then wait for each
+        other; between steps it costs that one step the copy's few milliseconds. (A request's own load
+        copies at once: the request waits for it.)"""
         with self._lock:
             if not self._looping or threading.current_thread() is self._thread:
                 inline = True
