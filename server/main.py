@@ -2,7 +2,8 @@
 
 Stopping drains: health goes NOT_SERVING at once, new requests get UNAVAILABLE, running ones may finish
 within --shutdown-grace-seconds, then the process exits 0. If the engine loop itself fails, health goes
-NOT_SERVING, requests get the error, and the process exits 1 at once.
+NOT_SERVING, requests get the error, and the process exits 1 at once. A server that cannot start (a port
+already taken, an unreadable certificate) exits 2 with the reason.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from .metrics import Metrics
 log = logging.getLogger("loraplex.server")
 
 EXIT_ENGINE_FAILED = 1
+EXIT_START_FAILED = 2
 
 
 def parse_config(argv: list[str] | None) -> ServerConfig:
@@ -68,16 +70,24 @@ async def start(config: ServerConfig) -> Running:
     from .build import launch_engine
     from .rpc.server import build_server
 
-    engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
-    metrics = Metrics(config.metrics_top_adapters) if config.metrics else None
-    server, health, port = build_server(config, engine, model, metrics)
-    running = Running(server, health, engine, port, model, metrics)
+    metrics, metrics_server = None, None
+    if config.metrics:                # first, so that a port already taken fails the start at once
+        metrics = Metrics(config.metrics_top_adapters)
+        host = config.metrics_host or config.host
+        metrics_server = metrics.serve(host, config.metrics_port)
+        print(f"loraplex metrics on http://{host}:{metrics_server.server_address[1]}/metrics", flush=True)
+    try:
+        engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
+        server, health, port = build_server(config, engine, model, metrics)
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        raise
+    running = Running(server, health, engine, port, model, metrics, metrics_server)
     if metrics is not None:
         metrics.watch(engine, model)
-        host = config.metrics_host or config.host
-        running.metrics_server = metrics.serve(host, config.metrics_port)
-        running.metrics_port = running.metrics_server.server_address[1]
-        print(f"loraplex metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
+        running.metrics_port = metrics_server.server_address[1]
     await server.start()
     await health.set(False)
     print(f"loraplex listening on {config.host}:{port} (model {model.name}, {model.device}, {model.dtype})",
@@ -146,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # it warns about an optional CPU kernel package
     config = parse_config(argv)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:            # a port already taken, a certificate that cannot be read, ...
+        log.critical("cannot start: %s", exc)
+        return EXIT_START_FAILED
 
 
 if __name__ == "__main__":

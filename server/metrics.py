@@ -151,7 +151,11 @@ class Metrics(NullMetrics):
     def serve(self, host: str, port: int):
         """Starts the HTTP endpoint (/metrics) on a daemon thread; returns the server (its .server_address
         holds the port bound; shut it down with .shutdown())."""
-        server, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose "
+                                     f"another --metrics-port (0 = any free one) or --no-metrics") from None
         return server
 
 

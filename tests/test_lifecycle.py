@@ -108,3 +108,19 @@ def test_engine_failure_turns_not_serving_and_exits_one(tiny_model_dir, stub_for
     thread.join(30)
     assert box["code"] == EXIT_ENGINE_FAILED
     assert not box["running"].health.serving
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_already_taken_stops_the_start_with_its_name(tiny_model_dir, flag):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "0", flag: port}
+        proc = subprocess.run([sys.executable, "-m", "loraplex.server.main", "--model", str(tiny_model_dir),
+                               "--kv-cache-mb", "16", *(x for kv in ports.items() for x in kv)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and f"choose another {flag}" in proc.stderr

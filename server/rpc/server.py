@@ -68,7 +68,10 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:    # a taken port: grpc returns 0 or, in newer versions, raises RuntimeError
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {config.host}:{config.port}")
+        raise OSError(f"could not listen on {address}; choose another --port (0 = any free one)")
     return server, health_, port
