@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         return asyncio.run(serve(config))
-    except OSError as exc:            # a port already taken, a certificate that cannot be read, ...
+    except (OSError, ValueError) as exc:   # a port already taken, an unreadable certificate, a bad preload
         log.critical("cannot start: %s", exc)
         return EXIT_START_FAILED
 

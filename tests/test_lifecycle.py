@@ -124,3 +124,13 @@ def test_a_port_already_taken_stops_the_start_with_its_name(tiny_model_dir, flag
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"127.0.0.1:{port}" in proc.stderr and f"choose another {flag}" in proc.stderr
+
+
+def test_an_unreadable_certificate_stops_the_start_with_its_name(tiny_model_dir, tmp_path):
+    missing = tmp_path / "missing.pem"
+    proc = subprocess.run([sys.executable, "-m", "loraplex.server.main", "--model", str(tiny_model_dir),
+                           "--port", "0", "--metrics-port", "0", "--kv-cache-mb", "16",
+                           "--tls-cert", str(missing), "--tls-key", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
