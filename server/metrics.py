@@ -52,6 +52,7 @@ class NullMetrics:
     def adapter_evicted(self, tier: str) -> None: ...
     def succeeded(self, stop_reason: str, seconds: float) -> None: ...
     def failed(self, reason: str) -> None: ...
+    def unauthenticated(self, service: str) -> None: ...
 
 
 NO_METRICS = NullMetrics()
@@ -96,6 +97,8 @@ class Metrics(NullMetrics):
                                  "(host, device)", ["tier"], registry=r)
         for tier in ("host", "device"):
             self.evictions.labels(tier)
+        self.refused = Counter(p + "unauthenticated_calls", "Calls refused for a missing or wrong bearer token, by "
+                               "service (these never reach the request counters)", ["service"], registry=r)
         self.top = TopAdapters(top_adapters)
         r.register(_TopCollector(self.top))
         self._info = Gauge(p + "model_info", "The served model (always 1)",
@@ -141,6 +144,9 @@ class Metrics(NullMetrics):
 
     def failed(self, reason: str) -> None:
         self.failure.labels(reason).inc()
+
+    def unauthenticated(self, service: str) -> None:
+        self.refused.labels(service).inc()
 
     # ---- set-up ---------------------------------------------------------------------------------
     def watch(self, engine, model) -> None:

@@ -88,6 +88,9 @@ def test_tokens(tiny_model_dir, tmp_path):
             assert admin.ListAdapters(listing, metadata=bearer("admin-secret"), timeout=10).adapters == []
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING   # probes need no secret
+        refused = server.running.metrics.registry.get_sample_value
+        assert refused("loraplex_unauthenticated_calls_total", {"service": "loraplex.v1.GenerationService"}) == 3
+        assert refused("loraplex_unauthenticated_calls_total", {"service": "loraplex.v1.AdapterService"}) == 1
         from loraplex.clients.cli import main
 
         assert main(["adapters", "list", "--target", server.target, "--token", "admin-secret"]) == 0

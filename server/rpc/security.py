@@ -36,8 +36,10 @@ def _read(path: str, flag: str) -> bytes:
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Checks the bearer token of every call to a guarded service (service name -> expected token)."""
 
-    def __init__(self, tokens: dict[str, str]):
+    def __init__(self, tokens: dict[str, str], on_refused=None):
+        """on_refused(service), if given, is called for each call refused (the metrics count them)."""
         self.tokens = {service: token for service, token in tokens.items() if token}
+        self.on_refused = on_refused or (lambda service: None)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         service = details.method.lstrip("/").split("/", 1)[0]
@@ -47,6 +49,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
             return await continuation(details)
+        self.on_refused(service)
         return _refusal("a valid bearer token is required (metadata 'authorization: Bearer <token>')"
                         if not given else "the bearer token is not valid for this service")
 

@@ -52,7 +52,8 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, Health, int]:
     credentials = server_credentials(config)
-    auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token})
+    auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token},
+                     (metrics or NO_METRICS).unauthenticated)
     server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                              interceptors=[auth])
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size,
