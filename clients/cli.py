@@ -14,26 +14,15 @@ have none: several names (LORAPLEX_MAX_NEW_TOKENS, ...) are already server setti
 
 import argparse
 import os
-import pathlib
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from dataclasses import fields
 
 from .client import DEFAULT_TARGET, Client, Generation, ModelInfo
 from .adapters_cli import add_adapters
-from .errors import DeadlineExceeded, LoraplexError, Unavailable
+from .errors import LoraplexError
 from .tls import credentials
 
 DELEGATED = ("serve", "bench")   # everything after these words goes to their own parsers untouched
-DEMO_QUESTION = "What is the capital of France?"
-DEMO_PROMPT = "The three primary colors are"
-DEMO_MAX_NEW_TOKENS = 48
-STOP_WAIT_SECONDS = 30.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +130,12 @@ def _add_demo(commands, environ) -> None:
     p.set_defaults(run=_demo)
 
 
+def _demo(args, server_flags: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args, server_flags)
+
+
 def _client(args) -> Client:
     return Client(args.target, timeout=args.timeout, token=args.token, credentials=credentials(args))
 
@@ -228,145 +223,6 @@ def _tokenize(args, _extra) -> int:
     else:
         print(" ".join(str(i) for i in result.token_ids))
     return 0
-
-
-def _demo(args, server_flags: list[str]) -> int:
-    port, metrics_port = args.port or free_port(), free_port()
-    target = f"127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as tmp:
-        log_path = pathlib.Path(tmp) / "server.log"
-        server = _start_server(port, metrics_port, server_flags, log_path)
-        previous = _interrupt_on_sigterm()   # the server has its own session: a killed demo must stop it
-        try:
-            if not _wait_for_server(server, target, log_path, args.startup_timeout):
-                return 1
-            _ask(target)
-            _show_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
-        finally:
-            code = _stop_server(server)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        if code not in (0, -signal.SIGTERM):
-            print(f"the server exited with code {code}:\n{_tail(log_path)}", file=sys.stderr)
-            return 1
-    print("server stopped.")
-    return 0
-
-
-def _interrupt_on_sigterm():
-    """SIGTERM raises KeyboardInterrupt (so cleanup runs); returns the old handler, None off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(port: int, server_flags: list[str], metrics_port: int = 0) -> list[str]:
-    # The user's flags come last so that theirs win (argparse keeps the last value).
-    return [sys.executable, "-m", "loraplex.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), *server_flags]
-
-
-def _start_server(port: int, metrics_port: int, server_flags: list[str], log_path: pathlib.Path) -> subprocess.Popen:
-    print(f"starting loraplex serve on 127.0.0.1:{port} "
-          "(the first start converts the embedded model once; that can take about a minute)", flush=True)
-    with open(log_path, "wb") as log:
-        # Own session: Ctrl-C reaches only the demo, which then stops the server with SIGTERM.
-        return subprocess.Popen(server_command(port, server_flags, metrics_port), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _wait_for_server(server: subprocess.Popen, target: str, log_path: pathlib.Path, timeout: float) -> bool:
-    """Polls health until SERVING, printing progress; False (with the log's tail) if the server dies or stalls."""
-    start = last_report = time.monotonic()
-    with Client(target) as client:
-        while server.poll() is None:
-            elapsed = time.monotonic() - start
-            try:
-                if client.health(timeout=1.0) == "SERVING":
-                    print(f"server ready after {elapsed:.0f}s", flush=True)
-                    return True
-            except (Unavailable, DeadlineExceeded):
-                pass   # not listening yet
-            if elapsed > timeout:
-                print(f"the server was not SERVING after {timeout:g}s:\n{_tail(log_path)}", file=sys.stderr)
-                return False
-            if time.monotonic() - last_report >= 5.0:
-                print(f"  waiting ({elapsed:.0f}s): {_tail(log_path, 1)}", flush=True)
-                last_report = time.monotonic()
-            time.sleep(0.5)
-    print(f"the server exited with code {server.returncode}:\n{_tail(log_path)}", file=sys.stderr)
-    return False
-
-
-def _ask(target: str) -> None:
-    with Client(target, timeout=300.0) as client:
-        info = client.model_info()
-        print(f"\nmodel {info.model_name}: {info.quantization}, {info.compute_dtype} on {info.device}")
-        print(f"\nchat> {DEMO_QUESTION}")
-        result, _ = _print_stream(client.generate_stream(
-            messages=[{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=DEMO_MAX_NEW_TOKENS))
-        print(summary(result))
-        print(f"\ncompletion> {DEMO_PROMPT}")
-        result, _ = _print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
-        print(summary(result) + "\n")
-
-
-def _show_metrics(url: str) -> None:
-    """A few of the server's Prometheus metrics, as a scrape sees them."""
-    import urllib.request
-    from collections import Counter
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except OSError as exc:
-        print(f"(no metrics from {url}: {exc})")
-        return
-    total: Counter[str] = Counter()          # each sample name summed over its labels
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            total[sample.name] += sample.value
-
-    def mean_ms(histogram: str) -> str:
-        count = total[histogram + "_count"]
-        return f"{total[histogram + '_sum'] / count * 1000:.0f} ms" if count else "-"
-
-    print(f"metrics ({url}):")
-    print(f"  requests finished {total['loraplex_request_success_total']:.0f}, failed "
-          f"{total['loraplex_request_failure_total']:.0f}; prompt tokens {total['loraplex_prompt_tokens_total']:.0f}, "
-          f"generated tokens {total['loraplex_generation_tokens_total']:.0f}")
-    print(f"  mean time to first token {mean_ms('loraplex_time_to_first_token_seconds')}, "
-          f"mean inter-token latency {mean_ms('loraplex_inter_token_latency_seconds')}\n")
-
-
-def _stop_server(server: subprocess.Popen) -> int:
-    if server.poll() is None:
-        print("stopping the server...", flush=True)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(STOP_WAIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    return server.returncode
-
-
-def _tail(log_path: pathlib.Path, lines: int = 20) -> str:
-    # Progress bars rewrite their line with \r: each rewrite counts as a line here.
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    parts = [p for p in text.replace("\r", "\n").split("\n") if p.strip()]
-    return "\n".join(parts[-lines:]) if parts else "(no output)"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from loraplex.clients import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, LoraplexError, NotFound,
                               Unauthenticated, Unavailable, build_generate_request, errors, from_rpc_error)
-from loraplex.clients import cli
+from loraplex.clients import cli, demo
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
 
@@ -135,7 +135,7 @@ def test_unknown_flags_are_refused_except_by_demo():
         cli.main(["info", "--bogus"])
     args, extra = cli.build_parser({}).parse_known_args(["demo", "--port", "5", "--model", "/m", "--no-warmup"])
     assert (args.port, extra) == (5, ["--model", "/m", "--no-warmup"])
-    assert cli.server_command(5, extra, 6)[-7:] == ["--port", "5", "--metrics-port", "6", "--model", "/m", "--no-warmup"]
+    assert demo.server_command(5, extra, 6)[-7:] == ["--port", "5", "--metrics-port", "6", "--model", "/m", "--no-warmup"]
 
 
 @pytest.mark.parametrize("argv, module, attr", [(["serve", "--port", "1", "--help"], "loraplex.server.main", "main"),
@@ -220,9 +220,9 @@ def test_health_and_wait_until_ready(scripted, capsys):
 
 
 def test_unreachable_server_is_unavailable(capsys):
-    with Client(f"127.0.0.1:{cli.free_port()}", timeout=5) as client, pytest.raises(Unavailable):
+    with Client(f"127.0.0.1:{demo.free_port()}", timeout=5) as client, pytest.raises(Unavailable):
         client.model_info()
-    assert cli.main(["info", "--target", f"127.0.0.1:{cli.free_port()}", "--timeout", "5"]) == 1
+    assert cli.main(["info", "--target", f"127.0.0.1:{demo.free_port()}", "--timeout", "5"]) == 1
     assert "error: UNAVAILABLE" in capsys.readouterr().err
 
 
@@ -279,7 +279,7 @@ def test_demo_runs_a_server_and_stops_it(tiny_model_dir, capsys):
     code = cli.main(["demo", "--model", str(tiny_model_dir), "--kv-cache-mb", "16", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert cli.DEMO_QUESTION in out and "server stopped." in out
+    assert demo.DEMO_QUESTION in out and "server stopped." in out
     assert "requests finished 2, failed 0;" in out     # read from the server's /metrics after both answers
 
 
