@@ -9,7 +9,8 @@ import torch
 
 from .config import ServerConfig
 from .errors import LoraplexError
-from .engine.engine import Engine, EngineLimits
+from .engine.engine import Engine
+from .engine.limits import EngineLimits
 from .engine.kv_cache import BlockManager
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler

@@ -18,6 +18,7 @@ from ...adapters.loader import SlotLoader
 from ..metrics import NO_METRICS, Metrics
 from ..errors import (InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError,
                       UnavailableError)
+from .limits import EngineLimits
 from .prompt import encode_prompt, truncate
 from .request import GenerationRequest
 from .runner import ModelRunner
@@ -26,13 +27,6 @@ from .sequence import RequestOutput, Sequence, Sink, Status, StopReason, TokenIn
 from .stopping import TextTracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_sequence_length: int
-    max_new_tokens: int
-    max_prompt_tokens: int = 0            # 0 = only the context window limits a prompt
 
 
 @dataclass(frozen=True)
@@ -155,29 +149,11 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
-        window = self.limits.max_sequence_length
-        if not ids:
-            raise InvalidArgumentError("text", "the prompt encodes to no tokens")
-        limit = self.limits.max_prompt_tokens
-        if limit and len(ids) > limit:
-            raise InvalidArgumentError(
-                "text", f"the prompt has {len(ids)} tokens but this server accepts at most {limit} "
-                        f"(max_prompt_tokens); shorten it or set truncate_input_tokens")
-        if len(ids) >= window:
-            raise InvalidArgumentError(
-                "text", f"the prompt has {len(ids)} tokens but the context window is {window}; "
-                        f"shorten it or set truncate_input_tokens")
-        if request.stopping.max_new_tokens > self.limits.max_new_tokens:
-            raise InvalidArgumentError("params.stopping.max_new_tokens",
-                                       f"must be <= {self.limits.max_new_tokens}, got {request.stopping.max_new_tokens}")
-        capacity = self.runner.num_blocks * self.runner.block_size
-        if min(len(ids) + request.stopping.max_new_tokens, window) > capacity:
-            raise ResourceExhaustedError(f"prompt + max_new_tokens needs more than the whole KV cache "
-                                         f"({capacity} tokens)")
+        self.limits.check(ids, request, kv_capacity=self.runner.num_blocks * self.runner.block_size)
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         stops = request.stopping
         tracker = TextTracker(self._decode, stops.stop_sequences, stops.include_stop_sequence)
-        return Sequence(request, ids, seed, tracker, sink, max_total_tokens=window)
+        return Sequence(request, ids, seed, tracker, sink, max_total_tokens=self.limits.max_sequence_length)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
