@@ -39,6 +39,17 @@ def make_tiny_model(path: pathlib.Path, arch: str = "llama", seed: int = 0, **ov
     return path
 
 
+def save_foreign_adapter(path: pathlib.Path, scratch: pathlib.Path) -> pathlib.Path:
+    """A PEFT adapter made on another tiny base (other shapes): valid files that our base cannot serve."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    other = make_tiny_model(scratch, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(other),
+                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(path)
+    return path
+
+
 class ServerThread:
     """A real gRPC server in this process, so tests can look at its engine."""
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraplex.v1 import generation_pb2 as pb
-from servers import ServerThread, make_tiny_model
+from servers import ServerThread, save_foreign_adapter
 
 ADAPTERS = {  # id -> (rank, alpha, targets)
     "small": (4, 8, ["q_proj", "v_proj"]),
@@ -32,10 +32,7 @@ def root(tmp_path_factory, tiny_model_dir):
             if p.requires_grad:
                 p.data *= 20
         model.save_pretrained(root / name)
-    other = make_tiny_model(tmp_path_factory.mktemp("other-base"), hidden_size=32, num_attention_heads=2,
-                            num_key_value_heads=1)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(other),
-                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(root / "foreign")
+    save_foreign_adapter(root / "foreign", tmp_path_factory.mktemp("other-base"))
     return root
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
 from prometheus import Prometheus, binary
-from servers import ServerThread, make_tiny_model
+from servers import ServerThread, save_foreign_adapter
 
 NEW = 5          # tokens per finished request (min = max, so each gives exactly NEW)
 LONG = 400       # tokens asked by the requests that are cut off
@@ -40,10 +40,7 @@ def root(tmp_path_factory, tiny_model_dir):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         model.save_pretrained(root / name)
-    other = make_tiny_model(tmp_path_factory.mktemp("other-base"), hidden_size=32, num_attention_heads=2,
-                            num_key_value_heads=1)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(other),
-                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(root / "foreign")
+    save_foreign_adapter(root / "foreign", tmp_path_factory.mktemp("other-base"))
     return root
 
 
