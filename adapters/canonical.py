@@ -1,10 +1,17 @@
 """The one canonical in-memory form of an adapter, whatever format it was read from.
 
-Format readers (one module per format, e.g. `peft_lora`) validate and normalize at load time, so the hot
-path only ever sees `delta_W = b @ a` per (layer, target) and never branches on the adapter's format.
+Format readers (one module per format under `formats/`) validate and normalize at load time, so the hot
+path only ever sees `delta_W = b @ a` per (layer, target), plus an optional per-output scale applied after
+base + delta, and never branches on the adapter's format:
+
+- LoRA, QLoRA, rsLoRA, rank/alpha patterns: the format's scaling folded into `b`;
+- AdaLoRA: the singular values folded into `a`, pruned ranks dropped, its scaling folded into `b`;
+- QA-LoRA: `a` widened from [r, in / group_size] to act on the full input (`group_size` is kept);
+- DoRA: `magnitude` as read; `output_scale = magnitude / ||W + b a||` (row norms over the dequantized base
+  weight) is filled in once at load by `formats.dora.bind`, in the server process that holds the base.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -14,13 +21,19 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One low-rank update of one linear: y += x @ a.T @ b.T, i.e. delta_W = b @ a ([out, in])."""
+    """One low-rank update of one linear: y = (base(x) + x @ a.T @ b.T) * output_scale, i.e. delta_W = b @ a
+    ([out, in]) and, for DoRA, a per-output-feature scale (None: 1)."""
 
     a: Tensor  # [rank, in_features]
     b: Tensor  # [out_features, rank]; the format's scaling (e.g. alpha / r) is already folded in
-    # Room for later formats, read only by code that knows them; plain LoRA leaves both None.
-    magnitude: Tensor | None = None  # [out_features]: DoRA's per-output scale vector (not implemented)
-    group_size: int | None = None  # QA-LoRA: input pooled in groups of this size before `a` (not implemented)
+    magnitude: Tensor | None = None     # [out_features] float32: DoRA's magnitude vector m, as read
+    output_scale: Tensor | None = None  # [out_features] float32: m / ||W + b a|| per row, set by dora.bind
+    group_size: int | None = None       # QA-LoRA: a's columns are constant over groups of this many inputs
+
+    @property
+    def needs_base(self) -> bool:
+        """DoRA's scale depends on the base weight, which only the server process has."""
+        return self.magnitude is not None and self.output_scale is None
 
     @property
     def rank(self) -> int:
@@ -39,7 +52,7 @@ class LoraModule:
         return self.b @ self.a
 
     def nbytes(self) -> int:
-        extra = self.magnitude.nbytes if self.magnitude is not None else 0
+        extra = sum(t.nbytes for t in (self.magnitude, self.output_scale) if t is not None)
         return self.a.nbytes + self.b.nbytes + extra
 
 
@@ -69,3 +82,15 @@ class Adapter:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({layer for layer, _ in self.modules}))
+
+    @property
+    def needs_base(self) -> bool:
+        return any(m.needs_base for m in self.modules.values())
+
+    @property
+    def scaled(self) -> bool:
+        """Some module scales its output (DoRA): its slot needs the per-token scale step."""
+        return any(m.output_scale is not None for m in self.modules.values())
+
+    def with_modules(self, modules: dict[tuple[int, str], LoraModule]) -> "Adapter":
+        return replace(self, modules=modules)

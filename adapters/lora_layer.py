@@ -18,12 +18,24 @@ from .slots import SlotBuffers
 
 @dataclass
 class LoraStep:
-    """Per-step LoRA metadata; segments None = no adapter in this step."""
+    """Per-step LoRA metadata; segments None = no adapter in this step. scaled: (token rows, their slots)
+    of the tokens whose adapter scales its outputs (DoRA), None when the step has none."""
     buffers: SlotBuffers
     segments: Segments | None = None
+    scaled: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set(self, segments: Segments | None) -> None:
         self.segments = segments if segments is not None and len(segments) else None
+        self.scaled = None
+        if self.segments is None:
+            return
+        flags = self.buffers.scaled
+        present = [slot for slot in set(self.segments.slots) if flags[slot]]
+        if present:
+            device = next(iter(self.buffers.scale.values())).device
+            token_slots = self.segments.token_slots.to(device)
+            rows = torch.nonzero(torch.isin(token_slots, torch.tensor(present, device=device))).squeeze(1)
+            self.scaled = rows, token_slots[rows]
 
 
 class LoraLinear(nn.Module):
@@ -39,6 +51,7 @@ class LoraLinear(nn.Module):
         buffers = step.buffers
         self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.device_ranks[t][layer], offset, size)
                        for t, offset, size in targets]
+        self.scales = [(buffers.scale[t][layer], offset, size) for t, offset, size in targets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)                                   # [num_tokens, out_features]
@@ -49,6 +62,11 @@ class LoraLinear(nn.Module):
         for a, b, ranks, offset, size in self.slices:   # buffers are allocated in the compute dtype
             ops.lora_shrink(x, a, segments, ranks, shrunk)
             ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
+        if self.step.scaled is not None:                 # DoRA: (base + delta) * m / ||W + BA||, per token
+            rows, slots = self.step.scaled
+            for scale, offset, size in self.scales:
+                part = out[rows, offset:offset + size]
+                out[rows, offset:offset + size] = (part.float() * scale[slots]).to(out.dtype)
         return out
 
 
@@ -69,3 +87,23 @@ def attach_lora(model: nn.Module, step: LoraStep, out_features) -> None:
                 slices.append((target, offset, out_features(target)))
                 offset += out_features(target)
             setattr(parent, leaf, LoraLinear(getattr(parent, leaf), index, slices, step))
+
+
+def base_weights(model: nn.Module, dense_weight):
+    """(layer, target) -> that target's rows of the dequantized base weight [out, in] float32, for DoRA.
+    dense_weight(module) dequantizes one base linear; the last packed one is kept, since a DoRA adapter's
+    modules come layer by layer (q, k, v share one)."""
+    last: dict = {}
+
+    def weight(layer: int, target: str) -> torch.Tensor:
+        for lora in model.model.layers[layer].modules():
+            if isinstance(lora, LoraLinear):
+                for name, offset, size in lora.targets:
+                    if name == target:
+                        if last.get("module") is not lora:
+                            last.clear()
+                            last.update(module=lora, weight=dense_weight(lora.base))
+                        return last["weight"][offset:offset + size]
+        raise KeyError(f"layer {layer} has no {target}")
+
+    return weight

@@ -29,7 +29,7 @@ from ..server.errors import InternalError
 from ..server.model.config import ModelConfig
 from . import native
 from .canonical import Adapter, LoraModule
-from .peft_lora import AdapterFormatError, load_peft_lora
+from .formats import AdapterFormatError, read_adapter
 
 log = logging.getLogger(__name__)
 _CONTEXT_LOCK = threading.Lock()
@@ -72,7 +72,7 @@ class ReaderProcess:
                 log.error("no adapter reader process could be started; reading adapters in the server process")
                 self._in_process = True
         model, max_rank, dtype_name, _ = self._args
-        return load_peft_lora(directory, adapter_id, model, max_rank, getattr(torch, dtype_name))
+        return read_adapter(directory, adapter_id, model, max_rank, getattr(torch, dtype_name))
 
     def start(self) -> None:
         """Starts the child now (the first one also starts the fork server, a few seconds), so that the
@@ -151,7 +151,7 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
             return
         directory, adapter_id = request
         try:
-            adapter = load_peft_lora(Path(directory), adapter_id, model, max_rank, dtype)
+            adapter = read_adapter(Path(directory), adapter_id, model, max_rank, dtype)
         except AdapterFormatError as exc:
             conn.send(("format", str(exc)))
             continue
@@ -164,7 +164,7 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
             conn.send(("error", f"{payload.numel()} bytes exceed the {shared.numel()}-byte exchange buffer"))
             continue
         shared[:payload.numel()].copy_(payload)
-        conn.send(("ok", index, payload.numel()))
+        conn.send(("ok", index, payload.numel()))   # DoRA magnitudes (float32, small) travel in the index
 
 
 def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
@@ -174,13 +174,17 @@ def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
     index = {"adapter_id": adapter.adapter_id, "alpha": adapter.alpha, "source": adapter.source,
              "format": adapter.format, "dtype": str(parts[0].dtype).removeprefix("torch."),
              "modules": [(layer, target, m.rank, m.in_features, m.out_features)
-                         for (layer, target), m in ((k, adapter.modules[k]) for k in keys)]}
+                         for (layer, target), m in ((k, adapter.modules[k]) for k in keys)],
+             "magnitudes": {i: adapter.modules[k].magnitude for i, k in enumerate(keys)
+                            if adapter.modules[k].magnitude is not None},
+             "group_sizes": {i: adapter.modules[k].group_size for i, k in enumerate(keys)
+                             if adapter.modules[k].group_size is not None}}
     return index, torch.cat(parts)
 
 
 def _largest_adapter_bytes(model: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
     """Bytes of an adapter of rank max_rank on every target of every layer: the exchange buffer's size."""
-    from .peft_lora import in_out_features
+    from .formats import in_out_features
     from .canonical import TARGETS
 
     per_layer = sum(max_rank * sum(in_out_features(model, t)) for t in TARGETS)
@@ -198,7 +202,9 @@ def _unpack(index: dict, raw: torch.Tensor) -> Adapter:
             for rows, cols in ((rank, in_features), (out_features, rank)):
                 views.append(flat[offset:offset + rows * cols].view(rows, cols))
                 offset += rows * cols
-    modules = {(layer, target): LoraModule(a=views[2 * i], b=views[2 * i + 1])
+    magnitudes, groups = index.get("magnitudes", {}), index.get("group_sizes", {})
+    modules = {(layer, target): LoraModule(a=views[2 * i], b=views[2 * i + 1], magnitude=magnitudes.get(i),
+                                           group_size=groups.get(i))
                for i, (layer, target, *_) in enumerate(entries)}
     return Adapter(adapter_id=index["adapter_id"], modules=modules, alpha=index["alpha"], source=index["source"],
                    format=index["format"])

@@ -22,7 +22,8 @@ from ..server.metrics import NO_METRICS
 from ..server.model.config import ModelConfig
 from .canonical import Adapter
 from .ids import AdapterNotFound, InvalidAdapterId, resolve_adapter_dir
-from .peft_lora import AdapterFormatError, load_peft_lora
+from .formats import AdapterFormatError, bind, read_adapter
+from .formats.dora import BaseWeight
 from .slots import NoFreeSlot, SlotBuffers, SlotTable
 
 
@@ -64,8 +65,10 @@ class AdapterRegistry:
     requests already running keep the slot of the version they started with until they finish."""
 
     def __init__(self, roots: list[Path], model: ModelConfig, buffers: SlotBuffers, num_slots: int,
-                 max_rank: int, host_cache_bytes: int, dtype: torch.dtype = torch.float32):
+                 max_rank: int, host_cache_bytes: int, dtype: torch.dtype = torch.float32,
+                 base_weight: BaseWeight | None = None):
         self.roots = roots
+        self.base_weight = base_weight    # (layer, target) -> dequantized base weight, for DoRA's norms
         self.model = model
         self.buffers = buffers
         self.slots = SlotTable(num_slots)
@@ -230,7 +233,8 @@ class AdapterRegistry:
             if reader is not None:
                 adapter = reader.read(directory, adapter_id)
             else:
-                adapter = load_peft_lora(directory, adapter_id, self.model, self.max_rank, self.dtype)
+                adapter = read_adapter(directory, adapter_id, self.model, self.max_rank, self.dtype)
+            adapter = bind(adapter, self.base_weight)     # DoRA: its scales, once per version
             result = "ok"
             return adapter
         except AdapterFormatError as exc:

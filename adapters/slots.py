@@ -100,7 +100,8 @@ class SlotTable:
 
 class SlotBuffers:
     """a[target]: [num_layers, num_slots, max_rank, in]; b[target]: [num_layers, num_slots, out, max_rank];
-    ranks[target]: [num_layers, num_slots] (0 = the adapter does not touch that module)."""
+    ranks[target]: [num_layers, num_slots] (0 = the adapter does not touch that module);
+    scale[target]: [num_layers, num_slots, out] float32, DoRA's output scales, for slots where scaled[slot]."""
 
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device):
@@ -115,6 +116,10 @@ class SlotBuffers:
         self.device_ranks = self.ranks if torch.device(device).type == "cpu" else {
             t: r.to(device) for t, r in self.ranks.items()}
         self._native = torch.device(device).type == "cpu" and native.available()
+        # DoRA's per-output scales, float32 whatever the compute dtype; read only for slots marked `scaled`.
+        self.scale = {t: torch.ones(num_layers, num_slots, o, dtype=torch.float32, device=device)
+                      for t, (_, o) in shapes.items()}
+        self.scaled = [False] * num_slots
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Copies the adapter into the slot; modules it lacks get rank 0. Rows past a module's rank keep
@@ -130,7 +135,11 @@ class SlotBuffers:
             torch.ops.loraplex.slot_write(list(self.a.values()), list(self.b.values()), list(self.ranks.values()),
                                           slot, [v for layer, t in modules for v in (order[t], layer)],
                                           [m.a for m in modules.values()], [m.b for m in modules.values()])
-            return
+        else:
+            self._write_torch(slot, adapter)
+        self._write_scales(slot, adapter)
+
+    def _write_torch(self, slot: int, adapter: Adapter) -> None:
         self.clear(slot)
         dst, src = [], []
         for (layer, target), module in adapter.modules.items():
@@ -142,8 +151,21 @@ class SlotBuffers:
         torch._foreach_copy_(dst, src, non_blocking=True)
         self._mirror(slot)
 
+    def _write_scales(self, slot: int, adapter: Adapter) -> None:
+        """A DoRA adapter's output scales (1 for modules it lacks); other adapters' slots are never scaled."""
+        if not adapter.scaled:
+            self.scaled[slot] = False
+            return
+        for scale in self.scale.values():
+            scale[:, slot] = 1.0
+        for (layer, target), module in adapter.modules.items():
+            if module.output_scale is not None:
+                self.scale[target][layer, slot].copy_(module.output_scale, non_blocking=True)
+        self.scaled[slot] = True
+
     def clear(self, slot: int) -> None:
         """The slot holds no adapter: rank 0 everywhere, so no op reads its rows."""
+        self.scaled[slot] = False
         for ranks in self.ranks.values():
             ranks[:, slot] = 0
         self._mirror(slot)
@@ -154,5 +176,5 @@ class SlotBuffers:
                 self.device_ranks[target][:, slot].copy_(ranks[:, slot], non_blocking=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values()))
 

@@ -83,8 +83,9 @@ def _adapters(config: ServerConfig, model, device, dtype):
     if not roots:
         return None, None
     from ..adapters.canonical import TARGETS
-    from ..adapters.lora_layer import LoraStep, attach_lora
-    from ..adapters.peft_lora import in_out_features
+    from ..adapters.lora_layer import LoraStep, attach_lora, base_weights
+    from .model.loader import dense_weight
+    from ..adapters.formats import in_out_features
     from ..adapters.registry import AdapterRegistry
     from ..adapters.slots import SlotBuffers
 
@@ -93,7 +94,8 @@ def _adapters(config: ServerConfig, model, device, dtype):
     step = LoraStep(buffers)
     attach_lora(model, step, lambda target: shapes[target][1])
     registry = AdapterRegistry([pathlib.Path(r) for r in roots], model.config, buffers, config.adapter_slots,
-                               config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype)
+                               config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype,
+                               base_weight=base_weights(model, dense_weight))
     for adapter_id in config.adapter_preload_ids():
         try:
             registry.preload(adapter_id)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.canonical import TARGETS
 from loraplex.adapters.ids import AdapterNotFound, InvalidAdapterId, resolve_adapter_dir, validate_adapter_id
-from loraplex.adapters.peft_lora import AdapterFormatError, AdapterTooLarge, load_peft_lora
+from loraplex.adapters.formats import AdapterFormatError, AdapterTooLarge, read_adapter
 from loraplex.server.model.config import ModelConfig
 from servers import make_tiny_model
 
@@ -75,7 +75,7 @@ def peft_deltas(peft_model) -> dict[tuple[int, str], torch.Tensor]:
 ])
 def test_matches_peft_delta(base_dir, base_config, tmp_path, r, alpha, targets):
     peft_model = make_adapter(base_dir, tmp_path / "a", r=r, alpha=alpha, targets=targets)
-    adapter = load_peft_lora(tmp_path / "a", "org/a", base_config, max_rank=64)
+    adapter = read_adapter(tmp_path / "a", "org/a", base_config, max_rank=64)
     expected = peft_deltas(peft_model)
     assert set(adapter.modules) == set(expected)  # untargeted modules are absent
     for key, delta in expected.items():
@@ -91,7 +91,7 @@ def test_matches_peft_delta(base_dir, base_config, tmp_path, r, alpha, targets):
 
 
 def test_dtype_is_applied(adapter_dir, base_config):
-    adapter = load_peft_lora(adapter_dir, "a", base_config, max_rank=8, dtype=torch.bfloat16)
+    adapter = read_adapter(adapter_dir, "a", base_config, max_rank=8, dtype=torch.bfloat16)
     module = next(iter(adapter.modules.values()))
     assert module.a.dtype == module.b.dtype == torch.bfloat16
     assert module.magnitude is None and module.group_size is None
@@ -171,7 +171,7 @@ def edit_tensors(path, change):
 
 def assert_refused(path, config, words, max_rank=64, error=AdapterFormatError):
     with pytest.raises(error, match=re.escape(words)):
-        load_peft_lora(path, "a", config, max_rank=max_rank)
+        read_adapter(path, "a", config, max_rank=max_rank)
 
 
 def test_missing_config(broken, base_config):
@@ -190,13 +190,19 @@ def test_non_object_config(broken, base_config):
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("peft_type", "ADALORA", "peft_type 'ADALORA'"),
-    ("use_dora", True, "use_dora=True refused: DoRA"),
+    ("peft_type", "LOHA", "peft_type 'LOHA' is not supported (supported: LORA, ADALORA)"),
+    ("peft_type", None, "peft_type None is not supported"),
     ("modules_to_save", ["lm_head"], "modules_to_save=['lm_head'] refused"),
-    ("use_rslora", True, "rsLoRA scaling is not yet supported"),
-    ("rank_pattern", {"q_proj": 8}, "via rank_pattern are not yet supported"),
-    ("alpha_pattern", {"q_proj": 8}, "via alpha_pattern are not yet supported"),
-    ("bias", "all", "bias='all' refused"),
+    ("bias", "all", "bias='all' refused: trained bias terms are not supported"),
+    ("bias", "lora_only", "bias='lora_only' refused"),
+    ("lora_bias", True, "lora_bias=True refused: LoRA bias terms are not supported"),
+    ("trainable_token_indices", [3, 5], "trainable_token_indices (embedding changes) is not supported"),
+    ("use_rslora", True, None),            # accepted: the scale changes, nothing is refused
+    ("rank_pattern", {"q_proj": 8}, "rank of lora_A (4, 64) / lora_B (64, 4) differs from the config's "
+                                    "rank_pattern['q_proj']=8"),
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a positive integer"),
+    ("alpha_pattern", {"(": 8}, "alpha_pattern key '(' is not a valid pattern"),
+    ("alpha_pattern", [8], "alpha_pattern must be an object"),
     ("r", 0, "r must be a positive integer"),
     ("lora_alpha", "big", "lora_alpha must be a finite number"),
     ("target_modules", ["k_proj"], "not selected by adapter_config.json target_modules"),
@@ -204,7 +210,10 @@ def test_non_object_config(broken, base_config):
 ])
 def test_config_fields_refused(broken, base_config, field, value, words):
     edit_config(broken, **{field: value})
-    assert_refused(broken, base_config, words)
+    if words is None:
+        read_adapter(broken, "a", base_config, max_rank=64)
+    else:
+        assert_refused(broken, base_config, words)
 
 
 def test_pickled_bin_refused(broken, base_config):
@@ -242,14 +251,26 @@ def test_adapter_for_another_hidden_size(base_config, tmp_path):
     assert_refused(tmp_path / "a", base_config, "lora_A: shape (4, 32) does not fit the base model")
 
 
-@pytest.mark.parametrize("module", ["lm_head", "model.embed_tokens", "model.layers.0.self_attn.rotary"])
-def test_target_the_base_lacks(broken, base_config, module):
+@pytest.mark.parametrize("module, words", [
+    ("lm_head", "targets module 'lm_head' refused: embedding and output-head adapters are not supported"),
+    ("model.embed_tokens", "targets module 'embed_tokens' refused: embedding and output-head adapters"),
+    ("model.layers.0.self_attn.rotary", "targets module 'rotary', which the base model lacks"),
+])
+def test_target_the_base_lacks(broken, base_config, module, words):
     def add(tensors):
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(4, 64)
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(64, 4)
     edit_tensors(broken, add)
-    name = module.rsplit(".", 1)[-1]
-    assert_refused(broken, base_config, f"targets module {name!r}, which the base model lacks")
+    assert_refused(broken, base_config, words)
+
+
+def test_embedding_adapter_refused(broken, base_config):
+    """PEFT's embedding LoRA (lora_embedding_A/B on embed_tokens) is refused by name, never skipped."""
+    def add(tensors):
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 49152)
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(64, 4)
+    edit_tensors(broken, add)
+    assert_refused(broken, base_config, "refused: embedding adapters are not supported")
 
 
 def test_layer_out_of_range(broken, base_config):
@@ -268,7 +289,7 @@ def test_missing_factor(broken, base_config):
 def test_not_a_lora_tensor(broken, base_config):
     edit_tensors(broken, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.lora_magnitude_vector",
                                                  torch.ones(3)))
-    assert_refused(broken, base_config, "is not a LoRA A/B weight")
+    assert_refused(broken, base_config, "is not a lora_A / lora_B weight of a Linear")
 
 
 def test_rank_above_max(base_dir, base_config, tmp_path):

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.lora_layer import LoraLinear, LoraStep
-from loraplex.adapters.peft_lora import load_peft_lora
+from loraplex.adapters.formats import read_adapter
 from loraplex.adapters.segments import compute_segments
 from loraplex.adapters.slots import SlotBuffers
 from loraplex.server.model.config import ModelConfig
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
         out = tmp_path_factory.mktemp(f"adapter{i}")
         model.save_pretrained(out)
         peft_models.append(model.eval())
-        adapters.append(load_peft_lora(out, f"a{i}", config, max_rank=64))
+        adapters.append(read_adapter(out, f"a{i}", config, max_rank=64))
     return config, peft_models, adapters
 
 

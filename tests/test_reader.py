@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from loraplex.adapters.peft_lora import AdapterFormatError, load_peft_lora
+from loraplex.adapters.formats import AdapterFormatError, read_adapter
 from loraplex.adapters.reader import ReaderProcess
 from test_adapter_loading import base_config, base_dir, make_adapter  # noqa: F401  (fixtures)
 
@@ -25,7 +25,7 @@ def test_child_read_equals_in_process_read(reader, base_dir, base_config, tmp_pa
     directory = tmp_path / "a"
     make_adapter(base_dir, directory, r=8, alpha=16, targets=TARGETS)
     got = reader.read(directory, "a")
-    want = load_peft_lora(directory, "a", base_config, 16, torch.float32)
+    want = read_adapter(directory, "a", base_config, 16, torch.float32)
     assert got.modules.keys() == want.modules.keys() and got.alpha == want.alpha and got.rank == want.rank
     for key, module in want.modules.items():
         assert torch.equal(got.modules[key].a, module.a) and torch.equal(got.modules[key].b, module.b)

@@ -136,6 +136,22 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dty
     return nf4_cpu.FusedNF4Linear(layer) if nf4_cpu.available(layer) else layer
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """[out, in] float32: the weight a linear of ours multiplies by, dequantized (DoRA's norms need it)."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, StackedLinear):
+        return torch.cat([dense_weight(part) for part in layer.parts])
+    if isinstance(layer, nf4_cpu.FusedNF4Linear):
+        return layer.dense_weight()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError("a Linear4bit repacked for the CPU kernel has no dense form here")
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return layer.weight.detach().float()
+
+
 def _take(weights: dict, key: str, shape: tuple) -> torch.Tensor:
     if key not in weights:
         raise ValueError(f"checkpoint lacks {key}")

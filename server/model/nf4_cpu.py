@@ -39,6 +39,7 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("packed", packed.contiguous(), persistent=False)       # [out, in / 2] uint8
         self.register_buffer("absmax", state.absmax.contiguous(), persistent=False)  # bf16 block scales
         self.bias = layer.bias
+        self._blocks = state.blocksize
         self._kernel = lib.gemv_4bit_inference_cpu_nf4_bf16
         self._const = (ct.c_int64(self.out_features), ct.c_int64(self.in_features))
         self._blocksize = ct.c_int64(state.blocksize)
@@ -53,6 +54,24 @@ class FusedNF4Linear(nn.Module):
         if self.bias is not None:
             out += self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in] float32: the weight this kernel multiplies by, NF4 value times the bf16 block scale.
+
+        Undoes the CPU packing (bitsandbytes' `_convert_weight_packed_for_cpu`): rows go in blocks of 32,
+        and each run of 32 bytes holds, for one block and one pair of columns (2j, 2j+1), column 2j of the
+        32 rows in its low nibbles and column 2j+1 in its high nibbles.
+        """
+        from bitsandbytes.functional import get_4bit_type
+
+        n, k = self.out_features, self.in_features
+        flat = self.packed.reshape(-1, 32)
+        codes = torch.cat([flat & 0xF, flat >> 4], dim=-1)                 # [n * k / 64, 64]
+        codes = codes.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k).long()
+        values = get_4bit_type("nf4", device="cpu")[codes]                 # [n, k] float32
+        scales = self.absmax.T.float().repeat_interleave(self._blocks, dim=1)  # absmax is [k / block, n]
+        return values * scales
 
 
 def _ptr(t: torch.Tensor) -> ct.c_void_p:

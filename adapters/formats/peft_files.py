@@ -1,7 +1,6 @@
-"""Reads a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into an `Adapter`.
-
-All PEFT knowledge lives here: key names, config fields, alpha / r. Everything is validated against the
-base model's shape before anything reaches a device, and the scaling is folded into `b` once.
+"""What every PEFT adapter directory shares, whatever its peft_type: adapter_config.json, the safetensors file
+(never a pickle), tensor names, which layer and target each tensor belongs to, and the shape and value
+checks against the base model. The format modules build on these; nothing here knows a format's math.
 """
 
 import json
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters.canonical import TARGETS, Adapter, LoraModule
+from loraplex.adapters.canonical import TARGETS
 from loraplex.adapters.tensor_file import TensorFileError, read_tensors
 from loraplex.server.model.config import ModelConfig
 
@@ -20,19 +19,18 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight", optionally with an adapter name
-# before ".weight" (".lora_A.default.weight"). Group 1 is the module path, 2 the factor.
-_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# ("lora_A.default.weight"); AdaLoRA's factors are bare parameters ("q_proj.lora_E"). Group 1 is the module
+# path, 2 the factor.
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_E|lora_magnitude_vector)"
+                  r"(?:\.[\w-]+)*$")
+_EMBEDDING_KEY = re.compile(r"\.lora_embedding_[AB](?:\.[\w-]+)*$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
-# Config fields this reader cannot honour yet: (field, value that is fine, why refused).
-_REFUSED = (
-    ("use_dora", False, "DoRA adapters are not supported"),
-    ("use_rslora", False, "rsLoRA scaling is not yet supported"),
-    ("use_qalora", False, "QA-LoRA adapters are not supported"),
+# Config fields no format honours: (field, value that is fine, why refused).
+REFUSED = (
     ("lora_bias", False, "LoRA bias terms are not supported"),
     ("modules_to_save", None, "modules_to_save (fully trained extra modules) is not supported"),
-    ("rank_pattern", None, "per-module ranks via rank_pattern are not yet supported"),
-    ("alpha_pattern", None, "per-module alphas via alpha_pattern are not yet supported"),
     ("layer_replication", None, "layer_replication is not supported"),
     ("target_parameters", None, "target_parameters (non-Linear targets) is not supported"),
     ("fan_in_fan_out", False, "fan_in_fan_out (transposed weights) is not supported"),
@@ -41,7 +39,11 @@ _REFUSED = (
     ("arrow_config", None, "Arrow routing is not supported"),
     ("kasa_config", None, "KaSA adapters are not supported"),
     ("use_bdlora", None, "block-diagonal LoRA is not supported"),
+    ("velora_config", None, "VeLoRA is not supported"),
+    ("monteclora_config", None, "MonteCLoRA is not supported"),
 )
+
+Factors = dict[tuple[int, str], dict[str, torch.Tensor]]   # (layer, target) -> {"A": ..., "B": ..., ...}
 
 
 class AdapterFormatError(ValueError):
@@ -50,20 +52,6 @@ class AdapterFormatError(ValueError):
 
 class AdapterTooLarge(AdapterFormatError):
     """The adapter's rank is above the server's configured maximum."""
-
-
-def load_peft_lora(adapter_dir: Path, adapter_id: str, model: ModelConfig, max_rank: int,
-                   dtype: torch.dtype = torch.float32) -> Adapter:
-    adapter_dir = Path(adapter_dir)
-    config = _read_config(adapter_dir)
-    rank, alpha = _check_config(config, max_rank)
-    tensors = _read_tensors(adapter_dir)
-    pairs = _pair_tensors(tensors, config.get("target_modules"))
-    _check_finite(pairs)
-    scaling = alpha / rank
-    modules = {key: _module(key, a, b, model, rank, scaling, dtype) for key, (a, b) in pairs.items()}
-    _check_layers(modules, config.get("layers_to_transform"), model)
-    return Adapter(adapter_id=adapter_id, modules=modules, alpha=alpha, source=str(adapter_dir))
 
 
 def in_out_features(model: ModelConfig, target: str) -> tuple[int, int]:
@@ -81,7 +69,7 @@ def in_out_features(model: ModelConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
-def _read_config(adapter_dir: Path) -> dict:
+def read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():
         raise AdapterFormatError(f"{CONFIG_FILE} is missing in {adapter_dir}")
@@ -94,28 +82,31 @@ def _read_config(adapter_dir: Path) -> dict:
     return config
 
 
-def _check_config(config: dict, max_rank: int) -> tuple[int, float]:
-    """(r, lora_alpha) after refusing every field this reader cannot honour."""
-    if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported "
-                                 "(only LORA)")
-    for name, fine, why in _REFUSED:
+def refuse_unsupported(config: dict, extra: tuple = ()) -> None:
+    """Every field that would change the math in a way no reader honours is refused by name."""
+    for name, fine, why in REFUSED + extra:
         value = config.get(name, fine)
         if value != fine and value not in (None, False, [], {}):
             raise AdapterFormatError(f"{CONFIG_FILE}: {name}={value!r} refused: {why}")
     if config.get("bias", "none") != "none":
-        raise AdapterFormatError(f"{CONFIG_FILE}: bias={config['bias']!r} refused: only 'none' is supported")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise AdapterFormatError(f"{CONFIG_FILE}: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{CONFIG_FILE}: lora_alpha must be a finite number, got {alpha!r}")
-    if rank > max_rank:
-        raise AdapterTooLarge(f"{CONFIG_FILE}: rank r={rank} is above the maximum rank {max_rank}")
-    return rank, float(alpha)
+        raise AdapterFormatError(f"{CONFIG_FILE}: bias={config['bias']!r} refused: trained bias terms are not "
+                                 "supported (only 'none')")
 
 
-def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def positive_int(config: dict, name: str, value=None) -> int:
+    value = config.get(name) if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterFormatError(f"{CONFIG_FILE}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def finite_number(config: dict, name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterFormatError(f"{CONFIG_FILE}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():
         pickled = [name for name in PICKLE_FILES if (adapter_dir / name).exists()]
@@ -129,29 +120,44 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{WEIGHTS_FILE} is corrupt or truncated: {e}") from None
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor], target_modules) -> dict[tuple[int, str], tuple]:
-    """{(layer, target): (lora_A, lora_B)}, checking every key names a target the base has."""
-    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+def group_factors(tensors: dict[str, torch.Tensor], config: dict, allowed: dict[str, str]) -> tuple[Factors, dict]:
+    """({(layer, target): {factor: tensor}}, {(layer, target): module path}) for the factors a format
+    reads. allowed maps each factor this format has (e.g. "A", "E", "magnitude") to how to name it in
+    errors; any other tensor is refused by name. Checks that every module is a target the base has and
+    one that the config's target_modules selects."""
+    names = {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_magnitude_vector": "magnitude"}
+    factors: Factors = {}
+    paths = {}
     for name, tensor in tensors.items():
+        if _EMBEDDING_KEY.search(name):
+            raise AdapterFormatError(f"{WEIGHTS_FILE}: tensor {name!r} refused: embedding adapters are not "
+                                     "supported")
         match = _KEY.match(name)
-        if not match:
-            raise AdapterFormatError(f"{WEIGHTS_FILE}: tensor {name!r} is not a LoRA A/B weight of a Linear")
-        path, factor = match.groups()
-        target = _target_of(name, path)  # before the layer, so "lm_head" reads as a missing target
+        factor = names.get(match.group(2)) if match else None
+        if factor not in allowed:
+            what = " / ".join(allowed.values())
+            raise AdapterFormatError(f"{WEIGHTS_FILE}: tensor {name!r} is not a {what} weight of a Linear")
+        path = match.group(1)
+        target = _target_of(name, path)  # before the layer, so "lm_head" reads as an unsupported target
         key = (_layer_of(name, path), target)
-        _check_listed(name, path, target_modules)
+        _check_listed(name, path, config.get("target_modules"))
         factors.setdefault(key, {})[factor] = tensor
+        paths[key] = path
     if not factors:
         raise AdapterFormatError(f"{WEIGHTS_FILE} holds no LoRA tensors")
     for (layer, target), found in factors.items():
-        if set(found) != {"A", "B"}:
-            missing = "lora_B" if "A" in found else "lora_A"
-            raise AdapterFormatError(f"{WEIGHTS_FILE}: layer {layer} {target} has no {missing} weight")
-    return {key: (found["A"], found["B"]) for key, found in factors.items()}
+        for factor in allowed:
+            if factor not in found:
+                raise AdapterFormatError(f"{WEIGHTS_FILE}: layer {layer} {target} has no {allowed[factor]} weight")
+    check_finite(factors, allowed)
+    return factors, paths
 
 
 def _target_of(name: str, path: str) -> str:
     target = path.rsplit(".", 1)[-1]
+    if target in EMBEDDING_MODULES:
+        raise AdapterFormatError(f"{WEIGHTS_FILE}: tensor {name!r} targets module {target!r} refused: embedding "
+                                 "and output-head adapters are not supported")
     if target not in TARGETS:
         raise AdapterFormatError(f"{WEIGHTS_FILE}: tensor {name!r} targets module {target!r}, which the base "
                                  f"model lacks (supported targets: {', '.join(TARGETS)})")
@@ -178,12 +184,12 @@ def _check_listed(name: str, path: str, target_modules) -> None:
                                  f"{CONFIG_FILE} target_modules {target_modules!r}")
 
 
-def _check_finite(pairs: dict[tuple[int, str], tuple]) -> None:
+def check_finite(factors: Factors, allowed: dict[str, str]) -> None:
     """Every factor floating point with finite values. One fused call over all tensors (loads run beside
     decoding, so their Python and dispatch time counts): a norm is finite iff every value is finite and
     the values are far below float32's range."""
-    named = [(f"layer {layer} {target} {factor}", tensor) for (layer, target), pair in pairs.items()
-             for factor, tensor in zip(("lora_A", "lora_B"), pair)]
+    named = [(f"layer {layer} {target} {allowed[factor]}", tensor)
+             for (layer, target), found in factors.items() for factor, tensor in found.items()]
     for where, tensor in named:
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{where}: dtype {tensor.dtype} is not floating point")
@@ -192,35 +198,40 @@ def _check_finite(pairs: dict[tuple[int, str], tuple]) -> None:
         raise AdapterFormatError(f"{named[index][0]}: holds NaN or inf values (or values too large to serve)")
 
 
-def _module(key: tuple[int, str], a: torch.Tensor, b: torch.Tensor, model: ModelConfig, rank: int,
-            scaling: float, dtype: torch.dtype) -> LoraModule:
+def check_shapes(key: tuple[int, str], a: torch.Tensor, b: torch.Tensor, model: ModelConfig,
+                 a_width: int | None = None) -> int:
+    """The module's rank, after checking lora_A is [r, in] (or [r, a_width]) and lora_B [out, r]."""
     layer, target = key
     where = f"layer {layer} {target}"
     in_features, out_features = in_out_features(model, target)
-    # PEFT stores lora_A as [r, in] and lora_B as [out, r].
-    if a.dim() != 2 or a.shape[1] != in_features:
+    width = in_features if a_width is None else a_width
+    rank = a.shape[0] if a.dim() == 2 else "r"
+    if a.dim() != 2 or a.shape[1] != width:
         raise AdapterFormatError(f"{where} lora_A: shape {tuple(a.shape)} does not fit the base model "
-                                 f"(expected [{rank}, {in_features}])")
+                                 f"(expected [{rank}, {width}])")
     if b.dim() != 2 or b.shape[0] != out_features:
         raise AdapterFormatError(f"{where} lora_B: shape {tuple(b.shape)} does not fit the base model "
                                  f"(expected [{out_features}, {rank}])")
-    if a.shape[0] != rank or b.shape[1] != rank:
-        raise AdapterFormatError(f"{where}: rank of lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
-                                 f"differs from the config's r={rank}")
-    # Fold alpha / r into b in float32, then cast once: the hot path computes x @ a.T @ b.T only.
-    scaled_b = (b.to(torch.float32) * scaling).to(dtype)           # a new, contiguous tensor
-    return LoraModule(a=a.to(dtype).contiguous(), b=scaled_b)
+    if b.shape[1] != a.shape[0]:
+        raise AdapterFormatError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on "
+                                 "the rank")
+    return a.shape[0]
 
 
-def _check_layers(modules: dict, layers_to_transform, model: ModelConfig) -> None:
+def check_layers(keys, layers_to_transform, model: ModelConfig) -> None:
     allowed = _as_layer_set(layers_to_transform)
-    for layer, target in modules:
+    for layer, target in keys:
         if layer >= model.num_layers:
             raise AdapterFormatError(f"layer index {layer} ({target}) is out of range: the base model has "
                                      f"{model.num_layers} layers")
         if allowed is not None and layer not in allowed:
             raise AdapterFormatError(f"layer {layer} ({target}) has weights but is not in "
                                      f"{CONFIG_FILE} layers_to_transform {layers_to_transform!r}")
+
+
+def check_rank(where: str, rank: int, max_rank: int) -> None:
+    if rank > max_rank:
+        raise AdapterTooLarge(f"{where}: rank r={rank} is above the maximum rank {max_rank}")
 
 
 def _as_layer_set(layers_to_transform) -> set[int] | None:

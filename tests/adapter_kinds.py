@@ -1,0 +1,99 @@
+"""Adapters of every supported kind, made by PEFT itself (the oracle for all of them), for the tests.
+
+Each maker takes the base checkpoint and the output directory. Factors are random (or trained a few steps)
+and scaled so that every adapter visibly changes the model's answers."""
+
+import pathlib
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _scaled(model, factor: float, seed: int):
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name:
+            if "magnitude" in name:
+                p.data *= 1 + 0.3 * torch.randn_like(p)     # DoRA: move m away from ||W + BA||
+            elif "lora_E" not in name:
+                p.data *= factor
+    return model
+
+
+def lora(base_dir, out, factor=1.0, seed=0):
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=ATTN + MLP, init_lora_weights=False))
+    _scaled(model, factor, seed).save_pretrained(out)
+
+
+def qlora(base_dir, out, factor=1.0, seed=1):
+    """LoRA made on the 4-bit (NF4) base, as QLoRA trains it."""
+    torch.manual_seed(seed)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))
+    _scaled(model, factor, seed).save_pretrained(out)
+
+
+def rslora(base_dir, out, factor=1.0, seed=2):
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=ATTN,
+                                      init_lora_weights=False))
+    _scaled(model, factor, seed).save_pretrained(out)
+
+
+def patterns(base_dir, out, factor=1.0, seed=3):
+    """Per-module ranks and alphas: a pattern for a target everywhere and one for a single layer's module."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=ATTN + MLP, init_lora_weights=False,
+                        rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12},
+                        alpha_pattern={"v_proj": 32, "layers.0.mlp.up_proj": 2})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    _scaled(model, factor, seed).save_pretrained(out)
+
+
+def dora(base_dir, out, factor=1.0, seed=4):
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=ATTN + ["up_proj"],
+                                      init_lora_weights=False))
+    _scaled(model, factor, seed).save_pretrained(out)
+
+
+def adalora(base_dir, out, factor=1.0, seed=5, steps=6):
+    """Trained `steps` steps with PEFT's budget allocation (update_and_allocate), which prunes ranks by
+    zeroing singular values, so the saved ranks differ per module; then the kept values are scaled up."""
+    torch.manual_seed(seed)
+    config = AdaLoraConfig(init_r=8, target_r=3, tinit=1, tfinal=1, deltaT=1, total_step=steps, lora_alpha=16,
+                           target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:     # pruned values stay exactly zero
+                p.data = torch.where(p == 0, p, torch.sign(p) * (1 + torch.rand_like(p)))
+            elif "lora_A" in name or "lora_B" in name:
+                p.data *= 10 * factor
+    model.save_pretrained(out)
+
+
+KINDS = {"lora": lora, "qlora": qlora, "rslora": rslora, "patterns": patterns, "dora": dora, "adalora": adalora}
+
+
+def make_all(base_dir, root: pathlib.Path, factor=1.0) -> list[str]:
+    for name, make in KINDS.items():
+        make(base_dir, root / name, factor)
+    return list(KINDS)
