@@ -3,6 +3,7 @@
 Each maker takes the base checkpoint and the output directory. Factors are random (or trained a few steps)
 and scaled so that every adapter visibly changes the model's answers."""
 
+import contextlib
 import pathlib
 
 import torch
@@ -97,3 +98,25 @@ def make_all(base_dir, root: pathlib.Path, factor=1.0) -> list[str]:
     for name, make in KINDS.items():
         make(base_dir, root / name, factor)
     return list(KINDS)
+
+
+
+@contextlib.contextmanager
+def dora_weights_before_packing(model):
+    """PEFT's DoRA dequantizes the 4-bit base weight on every forward. On CPUs with AVX512-BF16,
+    bitsandbytes repacks a Linear4bit's weight for its CPU kernel at the first forward, and PEFT's
+    dequantization then reads the repacked bytes as if they were not (the weight comes out scrambled; on
+    CUDA nothing is repacked). Inside this block PEFT's DoRA gets each weight as dequantized before any
+    forward (call it on the 4-bit model before the first forward) and otherwise runs as it is."""
+    from unittest import mock
+
+    import peft.tuners.lora.dora as peft_dora
+    from peft.utils.integrations import dequantize_module_weight
+
+    dense = {id(m): dequantize_module_weight(m).detach().clone() for m in model.modules()
+             if type(m).__name__ == "Linear4bit"}
+
+    def dequantize(module):
+        return dense[id(module)] if id(module) in dense else dequantize_module_weight(module)
+    with mock.patch.object(peft_dora, "dequantize_module_weight", dequantize):
+        yield

@@ -83,11 +83,11 @@ def qalora_direct(model, adapter_dir):
 
 def oracle_logprobs(base_dir, root, adapter_id, ids):
     model = nf4_base(base_dir)
-    if adapter_id == "qalora":
-        model = qalora_direct(model, root / adapter_id)
-    elif adapter_id:
-        model = PeftModel.from_pretrained(model, root / adapter_id)
-    with torch.inference_mode():
+    with adapter_kinds.dora_weights_before_packing(model), torch.inference_mode():
+        if adapter_id == "qalora":
+            model = qalora_direct(model, root / adapter_id)
+        elif adapter_id:
+            model = PeftModel.from_pretrained(model, root / adapter_id)
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
 
 

@@ -1,6 +1,7 @@
-"""Eight PEFT adapters of ranks 4-64, different alphas and target sets, on the embedded SmolLM2: one mixed
-batch (with base-only requests) through the server gives each request exactly the greedy tokens of PEFT
-with that adapter alone on the same NF4 base."""
+"""Eight PEFT LoRA adapters of ranks 4-64, different alphas and target sets, and one adapter of every other
+kind (QLoRA, rsLoRA, rank/alpha patterns, DoRA, AdaLoRA) on the embedded SmolLM2: one mixed batch (with
+base-only requests) through the server gives each request exactly the greedy tokens of PEFT with that
+adapter alone on the same NF4 base."""
 
 import threading
 
@@ -10,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraplex.v1 import generation_pb2 as pb
+import adapter_kinds
 from servers import ServerThread
 
 ATTN, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
@@ -23,6 +25,7 @@ ADAPTERS = {  # id -> (rank, alpha, targets)
     "r64-all": (64, 32, ATTN + MLP),
     "r64-down": (64, 128, ["down_proj", "up_proj"]),
 }
+KINDS = ["qlora", "rslora", "patterns", "dora", "adalora"]
 PROMPT = [{"role": "user", "content": "Name three things that are blue."}]
 NEW = 16
 
@@ -37,24 +40,26 @@ def root(tmp_path_factory, embedded_dir):
                                                 init_lora_weights=False))
         model.save_pretrained(root / name)
         base = model.unload()          # the plain base back, for the next adapter
+    for kind in KINDS:
+        adapter_kinds.KINDS[kind](embedded_dir, root / kind, factor=0.5)
     return root
 
 
 def peft_greedy(embedded_dir, adapter_dir, ids):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, quantization_config=quant, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    with torch.inference_mode():
+    with adapter_kinds.dora_weights_before_packing(model), torch.inference_mode():
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, adapter_dir)
         out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
     return out[0, len(ids):].tolist()
 
 
-def test_eight_adapters_in_one_batch_equal_peft(embedded_dir, root, stub_for):
-    server = ServerThread(max_batch_size=16, kv_cache_mb=64, adapter_roots=str(root), adapter_slots=8)
+def test_all_kinds_in_one_batch_equal_peft(embedded_dir, root, stub_for):
+    server = ServerThread(max_batch_size=16, kv_cache_mb=64, adapter_roots=str(root), adapter_slots=16)
     try:
         stub = stub_for(server.target)
-        ids = list(ADAPTERS) + ["", ""]
+        ids = list(ADAPTERS) + KINDS + ["", ""]
         results = {}
 
         def run(i):
@@ -77,4 +82,6 @@ def test_eight_adapters_in_one_batch_equal_peft(embedded_dir, root, stub_for):
     for i, adapter_id in enumerate(ids):
         want = peft_greedy(embedded_dir, root / adapter_id if adapter_id else None, prompt)
         assert results[i] == want, adapter_id or "base"
-    assert len({tuple(v) for v in results.values()}) >= 6      # the adapters really change the answers
+    base = results[len(ids) - 1]
+    for i, adapter_id in enumerate(ids[:-2]):
+        assert results[i] != base, f"{adapter_id} changes the answer"
