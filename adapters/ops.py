@@ -9,6 +9,8 @@ finite values, so no implementation reads them into a result.
 Four implementations, picked per call by `choose` (callers never pick):
 - "triton": the kernels of `triton_ops.py`, for CUDA tensors when triton is installed (one launch per op,
             one program per token and output block).
+            `lora_apply` does a whole packed module (q|k|v: shrink and expand of each target) in one
+            launch of `triton_ops.fused` for decode-sized steps; the CUDA LoRA layers (fused_layer.py) use it.
 - "native": the segment loop in C++ (`csrc/lora_cpu.cpp`, built by `native.py`): one call per op for all
             segments, each segment through the same BLAS call as torch's matmul, so results are bit for bit
             the loop's. Taken for float32 on the CPU whenever it is built.
@@ -125,6 +127,31 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
     else:
         ranks = _as_list(ranks)
         (expand_gather if impl == "gather" else expand_loop)(y, b_stack, segments, ranks, target)
+    return out
+
+
+# Above this many tokens in a step (long prefills) the fused kernel's repeated shrink per output block costs
+# more than a second launch: lora_apply takes the two kernels per target instead.
+FUSED_MAX_TOKENS = 256
+
+
+def lora_apply(x: torch.Tensor, targets: list, segments: Segments, out: torch.Tensor, fused=None) -> torch.Tensor:
+    """Semantics: for each (a_stack, b_stack, ranks, offset, n) in targets, lora_shrink then lora_expand into
+    out[:, offset:offset + n]; all targets read the same x (the slices of one packed module, q|k|v).
+
+    fused: `triton_ops.fused_args(targets)`, computed once per layer; when given, x is on CUDA and the step
+    is short, one launch does every target's shrink and expand (the shrink rounded to x's dtype in between,
+    as `out` of lora_shrink is). Otherwise two ops per target with a shrink buffer in x's dtype.
+    """
+    if not len(segments):
+        return out
+    if fused is not None and x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS:
+        _triton().fused(x, fused, segments.token_slots, out)
+        return out
+    shrunk = x.new_zeros(x.shape[0], max(a.shape[1] for a, *_ in targets))   # [num_tokens, max_rank]
+    for a, b, ranks, offset, size in targets:
+        lora_shrink(x, a, segments, ranks, shrunk[:, :a.shape[1]])
+        lora_expand(shrunk[:, :a.shape[1]], b, segments, ranks, out, out_slice=(offset, size))
     return out
 
 

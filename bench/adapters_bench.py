@@ -66,11 +66,19 @@ class Settings:
     background_rate: float = 2.0   # adapter loads per second in the paced part
     background_rounds: int = 3     # steady / paced / back-to-back phases, alternated this many times
     loader_nice: int = 10       # the server's --adapter-loader-nice
+    device: str = "auto"        # both sides: cpu, cuda[:N] or auto (cuda when available)
+    dtype: str = "auto"         # both sides' compute dtype: auto = float32 on the CPU, bfloat16 on CUDA
 
 
 QUICK = dict(adapters=4, new_tokens=8, repeats=1, registered=12, distinct_files=4, requests=8, rate=20.0,
              min_out=4, max_out=10, wait_quiet=False, online_slots=8, background_streams=2, background_tokens=24,
              background_rounds=1, online_rounds=1)
+
+
+# Settings that have a flag of their own (--device cuda, --max-batch-size 64, ...).
+TUNABLE = ("device", "dtype", "adapters", "rank", "prompt_tokens", "new_tokens", "repeats", "registered",
+           "distinct_files", "requests", "rate", "max_out", "max_batch_size", "kv_cache_mb", "online_slots",
+           "online_rounds", "background_streams", "background_tokens", "background_rate", "background_rounds")
 
 
 # ---- our engine --------------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings
 
     config = ServerConfig(max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
                           adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank,
-                          adapter_loader_nice=s.loader_nice)
+                          adapter_loader_nice=s.loader_nice, device=s.device, dtype=s.dtype)
     engine, _ = launch_engine(config)
     try:
         yield engine
@@ -122,10 +130,18 @@ def ours_online(engine, stream, adapters: list[str]) -> dict:
 
 
 # ---- PEFT --------------------------------------------------------------------------------------------------
-def peft_load(model_dir: str, root: pathlib.Path, names: list[str]):
+def device_and_dtype(s: Settings) -> tuple[torch.device, torch.dtype]:
+    """What the engine resolves s.device and s.dtype to (the same rules as the server's)."""
+    from loraplex.server.build import pick_device, pick_dtype
+
+    device = pick_device(s.device)
+    return device, pick_dtype(s.dtype, device)
+
+
+def peft_load(model_dir: str, root: pathlib.Path, names: list[str], s: Settings):
     from peft import PeftModel
 
-    base, tokenizer = hf.load(model_dir)
+    base, tokenizer = hf.load(model_dir, *device_and_dtype(s))
     model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(root / name), adapter_name=name)
@@ -135,7 +151,7 @@ def peft_load(model_dir: str, root: pathlib.Path, names: list[str]):
 def peft_decode(model, tokenizer, prompts: list[str], adapters: list[str] | None, prompt_tokens: int,
                 new_tokens: int) -> float:
     """Equal-length prompts (no padding); decode rate from the streamer's per-step timestamps."""
-    ids = torch.tensor([last_tokens(tokenizer, p, prompt_tokens) for p in prompts])
+    ids = torch.tensor([last_tokens(tokenizer, p, prompt_tokens) for p in prompts], device=model.device)
     streamer = hf.TimingStreamer()
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -160,6 +176,10 @@ def run(s: Settings, root: pathlib.Path) -> dict:
     info = machine.describe()
     model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
     info["model"] = pathlib.Path(model_dir).name
+    device, dtype = device_and_dtype(s)
+    info["device"], info["dtype"] = str(device), str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     t0 = time.perf_counter()
     names = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank))
     log.info("made %d PEFT adapters in %.1f s", len(names), time.perf_counter() - t0)
@@ -169,7 +189,7 @@ def run(s: Settings, root: pathlib.Path) -> dict:
 
     def record(kind, fn, rep):
         value, foreign = measure(fn, s)
-        log.info("%-13s %s %7.1f tok/s (others used %.0f%% of the CPU)", kind,
+        log.info("%-25s %s %7.1f tok/s (others used %.0f%% of the CPU)", kind,
                  "warm-up" if rep < 0 else f"round {rep + 1}", value, foreign * 100)
         if rep >= 0:
             runs[kind].append((value, foreign))
@@ -180,7 +200,18 @@ def run(s: Settings, root: pathlib.Path) -> dict:
         for rep in range(s.repeats):
             record("ours_distinct", lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
             record("ours_base", lambda: ours_decode(engine, prompts, [""] * b, s.prompt_tokens, s.new_tokens), rep)
-    model, tokenizer = isolated(lambda: peft_load(model_dir, root, names))
+    if device.type == "cuda":    # the LoRA path the CUDA engine does not take by default, for comparison
+        runs["ours_distinct_two_kernels"] = []
+        os.environ["LORAPLEX_LORA_FUSED"] = "0"
+        try:
+            with engine_running(root, s.adapters, s.rank, s) as engine:
+                ours_decode(engine, prompts, names, s.prompt_tokens, 4)
+                for rep in range(s.repeats):
+                    record("ours_distinct_two_kernels",
+                           lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
+        finally:
+            os.environ.pop("LORAPLEX_LORA_FUSED")
+    model, tokenizer = isolated(lambda: peft_load(model_dir, root, names, s))
     record("peft_mixed", lambda: peft_decode(model, tokenizer, prompts, names, s.prompt_tokens, 4), -1)
     for rep in range(s.repeats):
         record("peft_mixed", lambda: peft_decode(model, tokenizer, prompts, names, s.prompt_tokens, s.new_tokens),
@@ -197,7 +228,7 @@ def run(s: Settings, root: pathlib.Path) -> dict:
               "ours_distinct_vs_peft_mixed": best["ours_distinct"] / best["peft_mixed"],
               "ours_distinct_vs_ours_base": best["ours_distinct"] / best["ours_base"],
               "peft_mixed_vs_peft_base": best["peft_mixed"] / best["peft_base"]}
-    decode.update(bandwidth_floor(best["ours_base"], b, s.rank))
+    decode.update(bandwidth_floor(best["ours_base"], b, s.rank, device, dtype))
     log.info("decode: ours-distinct/PEFT-mixed %.2fx, ours-distinct/ours-base %.3f",
              decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -250,9 +281,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-background", action="store_true", help="skip the background-loading measurement")
     p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet CPU")
     p.add_argument("--out", help="folder for adapters.json/png [default docs/benchmarks]")
+    p.add_argument("--name", default="adapters", help="file names: NAME.json, NAME.png [default adapters]")
+    for name in TUNABLE:
+        kind = type(getattr(Settings, name))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                       help=f"[default {getattr(Settings, name)!r}]")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     s = Settings(**(QUICK if args.quick else {}))
+    for name in TUNABLE:
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
     s.online = not args.no_online
     s.background = not args.no_background
     if args.no_wait:
@@ -262,8 +301,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="loraplex-adapters-") as tmp:
         result = run(s, pathlib.Path(tmp))
-    (out / "adapters.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "adapters.png")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{args.name}.png")
     print(json.dumps({k: v for k, v in result["decode"].items() if not k.endswith(("_all", "_cpu", "targets"))},
                      indent=1))
     if "online" in result:
@@ -273,7 +312,7 @@ def main(argv=None) -> int:
         print("online throughput ratio many/one:", round(o["throughput_ratio_many_vs_one"], 3))
     if "background" in result:
         print(json.dumps({k: v for k, v in result["background"].items()}, indent=1))
-    print("wrote", out / "adapters.json", out / "adapters.png")
+    print("wrote", out / f"{args.name}.json", out / f"{args.name}.png")
     return 0
 
 

@@ -46,8 +46,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.set_ylabel("ms")
         ax.legend(fontsize=7)
         ax.set_title(f"Decode of {background['streams']} streams while adapters load", fontsize=9)
-    fig.suptitle(f"{result['machine']['model']} NF4 on {result['machine']['cpu']} "
-                 f"({result['machine']['cores']} cores)", fontsize=9)
+    m = result["machine"]
+    where = f"{m['gpu']} ({m.get('dtype', '')})" if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores)"
+    fig.suptitle(f"{m['model']} NF4 on {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

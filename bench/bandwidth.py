@@ -11,9 +11,11 @@ from loraplex.server.config import ServerConfig
 from .engine_bench import isolated
 
 
-def bandwidth_floor(base_tok_s: float, batch: int, rank: int) -> dict:
+def bandwidth_floor(base_tok_s: float, batch: int, rank: int, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict:
     """The best ours-distinct/ours-base ratio this machine allows: a step must at least read every distinct
-    adapter's factors once (float32, as served), at the read bandwidth measured here."""
+    adapter's factors once (in the compute dtype, as served), at the read bandwidth measured here on
+    `device` (main memory, or the GPU's memory)."""
     from transformers import AutoConfig
 
     from loraplex.adapters.peft_lora import in_out_features
@@ -23,8 +25,8 @@ def bandwidth_floor(base_tok_s: float, batch: int, rank: int) -> dict:
     model_dir = default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir()))
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
     per_layer = sum(rank * (i + o) for i, o in (in_out_features(cfg, t) for t in TARGETS))
-    adapter_bytes = per_layer * cfg.num_layers * 4
-    bandwidth = max(isolated(_read_rate) for _ in range(3))
+    adapter_bytes = per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+    bandwidth = max(isolated(lambda: _read_rate(torch.device(device))) for _ in range(3))
     base_step = batch / base_tok_s
     lora_step = batch * adapter_bytes / bandwidth
     return {"adapter_bytes": adapter_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
@@ -32,9 +34,13 @@ def bandwidth_floor(base_tok_s: float, batch: int, rank: int) -> dict:
             "floor_ratio_vs_base": base_step / (base_step + lora_step)}
 
 
-def _read_rate() -> float:
-    t = torch.ones(64 * 2**20)       # 256 MiB, far past the caches; made here, off the main thread
+def _read_rate(device: torch.device) -> float:
+    t = torch.ones(64 * 2**20, device=device)   # 256 MiB, far past the caches; made here, off the main thread
     t.sum()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     t.sum()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return t.numel() * t.element_size() / (time.perf_counter() - started)

@@ -8,14 +8,17 @@ import torch
 from .workload import OnlineRequest, last_tokens, summarize
 
 
-def load(directory: str):
+def load(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The NF4 model on `device` (cpu or cuda[:N]), `dtype` as the compute dtype and that of the other weights."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=torch.float32).eval()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    device = torch.device(device)
+    place = {} if device.type == "cpu" else {"device_map": {"": device.index or 0}}
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=dtype, **place).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -44,8 +47,8 @@ def generate_timed(model, tokenizer, id_lists: list[list[int]], new_tokens: int)
     """Runs one left-padded batch for exactly new_tokens steps; returns the time of each step's tokens."""
     width = max(len(ids) for ids in id_lists)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in id_lists])
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in id_lists])
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in id_lists], device=model.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in id_lists], device=model.device)
     streamer = TimingStreamer()
     with torch.inference_mode():
         model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,

@@ -93,6 +93,11 @@ def _adapters(config: ServerConfig, model, device, dtype):
     buffers = SlotBuffers(config.adapter_slots, config.max_lora_rank, model.config.num_layers, shapes, dtype, device)
     step = LoraStep(buffers)
     attach_lora(model, step, lambda target: shapes[target][1])
+    if device.type == "cuda":
+        from ..adapters import fused_layer, triton_ops
+
+        if triton_ops.available() and fused_layer.enabled():
+            fused_layer.use_fused(model)      # one launch per packed module and step: see fused_layer.py
     registry = AdapterRegistry([pathlib.Path(r) for r in roots], model.config, buffers, config.adapter_slots,
                                config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype,
                                base_weight=base_weights(model, dense_weight))
