@@ -18,7 +18,7 @@ def bandwidth_floor(base_tok_s: float, batch: int, rank: int, device: torch.devi
     `device` (main memory, or the GPU's memory)."""
     from transformers import AutoConfig
 
-    from loraplex.adapters.peft_lora import in_out_features
+    from loraplex.adapters.formats import in_out_features
     from loraplex.server.model.config import ModelConfig
     from loraplex.server.model.store import default_model_dir
 

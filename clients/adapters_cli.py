@@ -23,7 +23,8 @@ def _run(args, _extra) -> int:
     with AdapterAdmin(args.target, timeout=args.timeout, token=args.token, credentials=credentials(args)) as admin:
         if args.verb == "list":
             for info in admin.list():
-                print(f"{info.adapter_id:<32} {info.state:<9} {info.tier:<7} rank {info.rank:<3} "
+                kind = f"{info.format or '-'} v{info.version}" if info.state == "loaded" else "-"
+                print(f"{info.adapter_id:<32} {info.state:<9} {info.tier:<7} {kind:<12} rank {info.rank:<3} "
                       f"{','.join(info.target_modules)}")
             return 0
         call = {"show": admin.get, "unload": admin.unload}.get(args.verb)

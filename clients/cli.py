@@ -6,6 +6,7 @@
     loraplex info | health | tokenize TEXT
     loraplex demo                                       starts a server, asks it two things, stops it
     loraplex bench [...]                                benchmarks (flags: loraplex bench --help)
+    loraplex train DIR --task caps                      trains a demo adapter (flags: loraplex train --help)
 
 Connection flags have environment equivalents: --target LORAPLEX_TARGET, --timeout LORAPLEX_TIMEOUT,
 --token LORAPLEX_TOKEN; demo's --startup-timeout is LORAPLEX_STARTUP_TIMEOUT. Per-request flags of `generate`
@@ -22,7 +23,7 @@ from .adapters_cli import add_adapters
 from .errors import LoraplexError
 from .tls import credentials
 
-DELEGATED = ("serve", "bench")   # everything after these words goes to their own parsers untouched
+DELEGATED = ("serve", "bench", "train")   # everything after these words goes to their own parsers untouched
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,8 @@ def _delegate(command: str, rest: list[str]) -> int:
     # Imported here: the server pulls in torch, which the client verbs do not need.
     if command == "serve":
         from loraplex.server.main import main as run
+    elif command == "train":
+        from loraplex.adapters.train import main as run
     else:
         from loraplex.bench import main as run
         run = getattr(run, "main", run)   # a function in bench/__init__.py or the module bench/main.py
@@ -75,6 +78,7 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     add_adapters(commands, connection)
     _add_demo(commands, environ)
     commands.add_parser("bench", help="benchmarks (see loraplex bench --help)", add_help=False)
+    commands.add_parser("train", help="train a demo adapter with PEFT (see loraplex train --help)", add_help=False)
     return parser
 
 
@@ -122,9 +126,13 @@ def _add_generate(commands, connection) -> None:
 
 
 def _add_demo(commands, environ) -> None:
-    p = commands.add_parser("demo", allow_abbrev=False, help="start a server, stream two answers, stop it",
+    p = commands.add_parser("demo", allow_abbrev=False, help="start a server, ask it (and two demo adapters) some questions, stop it",
                             description="Flags demo does not know are passed to `loraplex serve`.")
     p.add_argument("--port", type=int, default=0, help="server port; 0 = a free one")
+    p.add_argument("--adapters", help="directory of the demo adapters, trained there when missing "
+                                      "[~/.cache/loraplex/demo-adapters]")
+    p.add_argument("--no-adapters", action="store_true", help="skip the demo adapters")
+    p.add_argument("--train-steps", type=int, default=60, help="training steps of a missing demo adapter [60]")
     p.add_argument("--startup-timeout", type=float, default=environ.get("LORAPLEX_STARTUP_TIMEOUT", "600"),
                    help="seconds to wait for SERVING [env LORAPLEX_STARTUP_TIMEOUT, default 600]")
     p.set_defaults(run=_demo)

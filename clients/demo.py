@@ -1,6 +1,13 @@
-"""`loraplex demo`: start `loraplex serve` on a free port, stream two answers from it, show a few of its
-metrics, and stop it (SIGTERM, as a supervisor would)."""
+"""`loraplex demo`: start `loraplex serve` on a free port, stream two answers from it, ask one question of
+the base model and two demo adapters in one batch, show a few of its metrics, and stop it (SIGTERM, as a
+supervisor would).
 
+The demo adapters (`caps`: answers in capital letters; `json`: answers as a JSON object) are trained once
+with `loraplex train` into the cache directory, a few minutes on a CPU; later runs reuse them. With
+--model (another base) or --no-adapters the demo skips them.
+"""
+
+import os
 import pathlib
 import signal
 import socket
@@ -17,10 +24,19 @@ from .errors import DeadlineExceeded, Unavailable
 DEMO_QUESTION = "What is the capital of France?"
 DEMO_PROMPT = "The three primary colors are"
 DEMO_MAX_NEW_TOKENS = 48
+# Adapter name -> what it does; trained on other questions than DEMO_ADAPTER_QUESTION.
+DEMO_ADAPTERS = {"caps": "answers in capital letters", "json": "answers as a JSON object"}
+DEMO_ADAPTER_QUESTION = "What is the capital of Spain?"
 STOP_WAIT_SECONDS = 30.0
 
 
 def run_demo(args, server_flags: list[str]) -> int:
+    root = None
+    if not args.no_adapters and not any(f == "--model" or f.startswith("--model=") for f in server_flags):
+        root = pathlib.Path(args.adapters or default_adapter_root())
+        if not prepare_adapters(root, args.train_steps):
+            return 1
+        server_flags = ["--adapter-roots", str(root), *server_flags]
     port, metrics_port = args.port or free_port(), free_port()
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as tmp:
@@ -31,6 +47,8 @@ def run_demo(args, server_flags: list[str]) -> int:
             if not _wait_for_server(server, target, log_path, args.startup_timeout):
                 return 1
             _ask(target)
+            if root is not None:
+                _ask_adapters(target)
             _show_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             code = _stop_server(server)
@@ -108,6 +126,45 @@ def _ask(target: str) -> None:
         print(f"\ncompletion> {DEMO_PROMPT}")
         result, _ = _print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
         print(summary(result) + "\n")
+
+
+def default_adapter_root() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "loraplex" / "demo-adapters"
+
+
+def prepare_adapters(root: pathlib.Path, steps: int) -> bool:
+    """Trains each demo adapter that `root` lacks (`loraplex train`, with its progress bar)."""
+    for name, what in DEMO_ADAPTERS.items():
+        if (root / name / "adapter_model.safetensors").is_file():
+            continue
+        print(f"training the demo adapter {name!r} ({what}) into {root / name}, once; later runs reuse it",
+              flush=True)
+        done = subprocess.run([sys.executable, "-m", "loraplex.adapters.train", str(root / name), "--task", name,
+                               "--steps", str(steps)], stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            print(f"training the demo adapter {name!r} failed (exit {done.returncode})", file=sys.stderr)
+            return False
+    return True
+
+
+def _ask_adapters(target: str) -> None:
+    """The same question to the base model and to each demo adapter at once: one batch serves them all."""
+    answers: dict[str, str] = {}
+    with Client(target, timeout=300.0) as client:
+        def ask(adapter: str):
+            answers[adapter] = client.generate(messages=[{"role": "user", "content": DEMO_ADAPTER_QUESTION}],
+                                               adapter_id=adapter, max_new_tokens=DEMO_MAX_NEW_TOKENS).text
+        threads = [threading.Thread(target=ask, args=(a,)) for a in ("", *DEMO_ADAPTERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    print(f"one batch, three answers> {DEMO_ADAPTER_QUESTION}")
+    for adapter in ("", *DEMO_ADAPTERS):
+        label = f"adapter {adapter} ({DEMO_ADAPTERS[adapter]})" if adapter else "base model"
+        print(f"  {label}:\n    {answers.get(adapter, '(no answer)').strip()}")
+    print()
 
 
 def _show_metrics(url: str) -> None:

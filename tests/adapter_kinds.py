@@ -120,3 +120,17 @@ def dora_weights_before_packing(model):
         return dense[id(module)] if id(module) in dense else dequantize_module_weight(module)
     with mock.patch.object(peft_dora, "dequantize_module_weight", dequantize):
         yield
+
+
+def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int) -> list[int]:
+    """PEFT's greedy tokens with one adapter (None: the base) on the NF4 base, exactly `new_tokens` of them."""
+    from peft import PeftModel
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
+    with dora_weights_before_packing(model), torch.inference_mode():
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens)
+    return out[0, len(ids):].tolist()

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.v1 import generation_pb2 as pb
 import adapter_kinds
+from loraplex.v1 import generation_pb2 as pb
 from servers import ServerThread
 
 ATTN, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
@@ -45,16 +45,6 @@ def root(tmp_path_factory, embedded_dir):
     return root
 
 
-def peft_greedy(embedded_dir, adapter_dir, ids):
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(embedded_dir, quantization_config=quant, dtype=torch.float32)
-    with adapter_kinds.dora_weights_before_packing(model), torch.inference_mode():
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, adapter_dir)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
-    return out[0, len(ids):].tolist()
-
-
 def test_all_kinds_in_one_batch_equal_peft(embedded_dir, root, stub_for):
     server = ServerThread(max_batch_size=16, kv_cache_mb=64, adapter_roots=str(root), adapter_slots=16)
     try:
@@ -80,7 +70,7 @@ def test_all_kinds_in_one_batch_equal_peft(embedded_dir, root, stub_for):
     prompt = tokenizer(tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
                        add_special_tokens=False).input_ids
     for i, adapter_id in enumerate(ids):
-        want = peft_greedy(embedded_dir, root / adapter_id if adapter_id else None, prompt)
+        want = adapter_kinds.peft_greedy(embedded_dir, root / adapter_id if adapter_id else None, prompt, NEW)
         assert results[i] == want, adapter_id or "base"
     base = results[len(ids) - 1]
     for i, adapter_id in enumerate(ids[:-2]):
