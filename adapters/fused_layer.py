@@ -9,8 +9,8 @@ adapters.md); one launch per packed module (4 per layer) is what the fused kerne
 kernel path's (tests/test_cuda.py).
 
 `use_fused(model)` switches every LoraLinear of a model built on CUDA to this forward; server/build.py
-calls it when Triton is available, unless LORAPLEX_LORA_FUSED=0. Steps with a DoRA adapter (output
-scales) take LoraLinear's own forward.
+calls it when Triton is available, unless LORAPLEX_LORA_FUSED=0. Only the delta differs: DoRA's output
+scales and everything else stay LoraLinear's.
 """
 
 import os
@@ -36,12 +36,8 @@ class FusedLoraLinear(LoraLinear):
         self.fused = triton_ops.fused_args(self.targets_args) if triton_ops.available() else None
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.step
-        if step.segments is None or step.scaled is not None:
-            return super().forward(x)       # base only, or a step with DoRA's output scales: the general path
-        out = self.base(x)                  # [num_tokens, out_features]
-        return ops.lora_apply(x, self.targets_args, step.segments, out, self.fused)
+    def add_delta(self, x: torch.Tensor, segments, out: torch.Tensor) -> None:
+        ops.lora_apply(x, self.targets_args, segments, out, self.fused)
 
 
 def use_fused(model: nn.Module) -> int:

@@ -58,16 +58,20 @@ class LoraLinear(nn.Module):
         segments = self.step.segments
         if segments is None:
             return out
-        shrunk = x.new_zeros(x.shape[0], self.step.buffers.max_rank)  # [num_tokens, max_rank]; base rows stay 0
-        for a, b, ranks, offset, size in self.slices:   # buffers are allocated in the compute dtype
-            ops.lora_shrink(x, a, segments, ranks, shrunk)
-            ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
+        self.add_delta(x, segments, out)
         if self.step.scaled is not None:                 # DoRA: (base + delta) * m / ||W + BA||, per token
             rows, slots = self.step.scaled
             for scale, offset, size in self.scales:
                 part = out[rows, offset:offset + size]
                 out[rows, offset:offset + size] = (part.float() * scale[slots]).to(out.dtype)
         return out
+
+    def add_delta(self, x: torch.Tensor, segments: Segments, out: torch.Tensor) -> None:
+        """out[:, slice of t] += x @ A_t.T @ B_t.T per token's slot, for every target t (in place)."""
+        shrunk = x.new_zeros(x.shape[0], self.step.buffers.max_rank)  # [num_tokens, max_rank]; base rows stay 0
+        for a, b, ranks, offset, size in self.slices:   # buffers are allocated in the compute dtype
+            ops.lora_shrink(x, a, segments, ranks, shrunk)
+            ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
 
 
 # Our packed modules and the adapter targets in their output slices, in order.

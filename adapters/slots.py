@@ -148,7 +148,7 @@ class SlotBuffers:
             src += [module.a, module.b]
             self.ranks[target][layer, slot] = r
         # One fused call for all copies: loads run beside decoding, so their Python time counts.
-        torch._foreach_copy_(dst, src, non_blocking=True)
+        torch._foreach_copy_(dst, _on_device(src, dst[0].device), non_blocking=True)
         self._mirror(slot)
 
     def _write_scales(self, slot: int, adapter: Adapter) -> None:
@@ -158,9 +158,9 @@ class SlotBuffers:
             return
         for scale in self.scale.values():
             scale[:, slot] = 1.0
-        for (layer, target), module in adapter.modules.items():
-            if module.output_scale is not None:
-                self.scale[target][layer, slot].copy_(module.output_scale, non_blocking=True)
+        scaled = [(key, m.output_scale) for key, m in adapter.modules.items() if m.output_scale is not None]
+        dst = [self.scale[target][layer, slot] for (layer, target), _ in scaled]
+        torch._foreach_copy_(dst, _on_device([s for _, s in scaled], dst[0].device), non_blocking=True)
         self.scaled[slot] = True
 
     def clear(self, slot: int) -> None:
@@ -178,3 +178,13 @@ class SlotBuffers:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values(), *self.scale.values()))
 
+
+
+def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors, on `device` through one host-to-device copy when it is not the CPU: a load's hundreds
+    of small copies from pageable host memory would each be a transfer of its own, each waiting for the
+    device, beside the engine's kernels."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

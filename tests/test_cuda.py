@@ -233,22 +233,22 @@ def peft_on_cuda(model_dir, root, adapter_id, dtype):
     return model.eval()
 
 
-def ours_mixed_batch(model_dir, root, dtype_name, fused):
-    """Every request of MIXED submitted at once to one engine on CUDA; the greedy token ids of each."""
+def ours_mixed_batch(model_dir, root, dtype_name, fused, mixed=MIXED, slots=4):
+    """Every request of `mixed` submitted at once to one engine on CUDA; the greedy token ids of each."""
     from loraplex.server.build import launch_engine
     from loraplex.server.config import ServerConfig
     from loraplex.server.engine.request import GenerationRequest, StoppingParams
 
     engine, desc = launch_engine(ServerConfig(model=str(model_dir), device=CUDA, dtype=dtype_name,
                                               kv_cache_mb=16, max_batch_size=16, adapter_roots=str(root),
-                                              adapter_slots=4, max_lora_rank=64))
+                                              adapter_slots=slots, max_lora_rank=64))
     assert desc.device.startswith(CUDA) and desc.dtype == dtype_name
     assert engine.runner.lora_step.buffers.a["q_proj"].device.type == CUDA
     from loraplex.adapters.fused_layer import FusedLoraLinear
     layers = [m for m in engine.runner.model.modules() if type(m).__name__.endswith("LoraLinear")]
     assert layers and all(isinstance(m, FusedLoraLinear) == fused for m in layers)
     try:
-        errors, left, done = [], [len(MIXED)], threading.Event()
+        errors, left, done = [], [len(mixed)], threading.Event()
 
         def sink(out):
             if out.error is not None:
@@ -260,7 +260,7 @@ def ours_mixed_batch(model_dir, root, dtype_name, fused):
 
         # greedy without logprobs: the engine's screened exact argmax (lm_head.py), as a client gets it
         seqs = [engine.add_request(GenerationRequest(prompt=PROMPT, adapter_id=adapter_id, stopping=StoppingParams(
-            max_new_tokens=NEW, min_new_tokens=NEW)), sink) for adapter_id in MIXED]
+            max_new_tokens=NEW, min_new_tokens=NEW)), sink) for adapter_id in mixed]
         assert done.wait(300) and not errors, errors
         return [list(seq.output_ids) for seq in seqs]
     finally:
@@ -308,3 +308,40 @@ def test_engine_on_cuda_mixed_batch_equals_peft(tiny_model_dir, root, dtype_name
         del model
         torch.cuda.empty_cache()
     assert len(set(answers.values())) == len(answers)     # every adapter (and the base) answers differently
+
+
+@pytest.fixture(scope="module")
+def kinds_root(tmp_path_factory, tiny_model_dir):
+    import adapter_kinds
+
+    root = tmp_path_factory.mktemp("cuda-kinds")
+    adapter_kinds.make_all(tiny_model_dir, root, factor=20.0)
+    return root
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernels"])
+def test_every_adapter_kind_on_cuda_equals_peft(tiny_model_dir, kinds_root, fused, monkeypatch):
+    """LoRA, QLoRA, rsLoRA, rank/alpha patterns, DoRA and AdaLoRA adapters and the base in one float32 batch
+    on CUDA: each request's greedy tokens equal PEFT's `generate` with that adapter alone on the same NF4
+    base on the same GPU (DoRA's output scales run on the device, after either LoRA path)."""
+    import adapter_kinds
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("LORAPLEX_LORA_FUSED", "1" if fused else "0")
+    mixed = [*adapter_kinds.KINDS, "", "dora"]
+    ours = ours_mixed_batch(tiny_model_dir, kinds_root, "float32", fused, mixed, slots=len(adapter_kinds.KINDS))
+    prompt = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
+    ids = torch.tensor([prompt], device=CUDA)
+    answers = {}
+    for adapter_id in dict.fromkeys(mixed):
+        model = peft_on_cuda(tiny_model_dir, kinds_root, adapter_id, torch.float32)
+        with torch.inference_mode():
+            want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                  min_new_tokens=NEW, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        mine = [ours[i] for i, a in enumerate(mixed) if a == adapter_id]
+        assert all(m == want for m in mine), (adapter_id or "base", mine, want)
+        answers[adapter_id] = tuple(want)
+        del model
+        torch.cuda.empty_cache()
+    assert len(set(answers.values())) == len(answers)
