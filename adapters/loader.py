@@ -48,6 +48,7 @@ class SlotLoader:
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
         self._calls = _Calls(lambda: self._reader(background_nice, background_copies))
+        self._watcher = None
 
     def submit(self, token: object, adapter_id: str) -> None:
         """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
@@ -63,7 +64,15 @@ class SlotLoader:
         with self._cond:
             self._cond.notify()
 
+    def watch(self, interval: float) -> None:
+        """Publishes new versions of loaded adapters whose files change (see watch.py)."""
+        from .watch import AdapterWatcher
+
+        self._watcher = AdapterWatcher(self.registry, self.call, interval)
+
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         with self._cond:
             self._stopping = True
             self._cond.notify()

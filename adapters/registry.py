@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..server.errors import (FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
-                             ResourceExhaustedError)
+from ..server.errors import (FailedPreconditionError, InternalError, InvalidArgumentError, LoraplexError,
+                             NotFoundError, ResourceExhaustedError)
 from ..server.metrics import NO_METRICS
 from ..server.model.config import ModelConfig
 from .canonical import Adapter
@@ -283,6 +283,21 @@ class AdapterRegistry:
                 self.slots.release(key)
         with self._lock:
             return self._status(adapter_id, self._host.get(adapter_id, resident))
+
+    def changed_on_disk(self) -> dict[str, tuple]:
+        """{adapter id: its files' signature now} for adapters in memory whose files differ from the
+        version being served (a deleted directory included)."""
+        with self._lock:
+            served = {i: r.signature for i, r in self._host.items()}
+        changed = {}
+        for adapter_id, signature in served.items():
+            try:
+                now = _signature(self._read_dir(adapter_id))
+            except LoraplexError:
+                now = None
+            if now != signature:
+                changed[adapter_id] = now
+        return changed
 
     def unload(self, adapter_id: str) -> AdapterStatus:
         """Drops the adapter from memory. Requests running on it finish first (their slot is freed then);

@@ -71,6 +71,8 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
         eos.add(tokenizer.eos_token_id)
     engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens, config.max_prompt_tokens), tuple(sorted(eos)),
                     registry, config.adapter_loader_nice)
+    if engine.loader is not None and config.adapter_watch_seconds > 0:
+        engine.loader.watch(config.adapter_watch_seconds)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
                                    "nf4", window, cfg.vocab_size)

@@ -48,6 +48,8 @@ class ServerConfig:
     adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
     adapter_loader_nice: int = _opt(10, "CPU niceness (0-19) of the process reading adapters for LoadAdapter; "
                                         "higher = they yield more to decoding. Loads a request waits for run at 0")
+    adapter_watch_seconds: float = _opt(0.0, "look at the files of loaded adapters this often and publish a new "
+                                             "version when they change (as `adapters load` does); 0 = off")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
                                     "','; a failing one stops the start")
     tls_cert: str = _opt("", "PEM server certificate (chain); with --tls-key, serve over TLS")
@@ -91,6 +93,8 @@ class ServerConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         if not 0 <= self.adapter_loader_nice <= 19:
             raise ValueError(f"adapter_loader_nice must be within 0..19, got {self.adapter_loader_nice}")
+        if self.adapter_watch_seconds < 0:
+            raise ValueError(f"adapter_watch_seconds must be >= 0, got {self.adapter_watch_seconds}")
         if self.adapter_preload_ids() and not self.adapter_root_paths():
             raise ValueError("adapter_preload needs adapter_roots")
         if len(self.adapter_preload_ids()) > self.adapter_slots:
@@ -128,7 +132,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=ServerConfig) -> None:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = int if f.type in (int, "int") else str
+            kind = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
 
 
@@ -152,6 +156,8 @@ def _from_env(f: dataclasses.Field, text: str):
             return _parse_bool(text)
         if f.type in (int, "int"):
             return int(text)
+        if f.type in (float, "float"):
+            return float(text)
     except ValueError as exc:
         raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
     return text

@@ -1,0 +1,52 @@
+"""`--adapter-watch-seconds`: publish a new version of a loaded adapter when its files change on disk.
+
+A thread looks at the files of every adapter in memory each interval. An adapter whose files differ from
+the version being served, and did not change again during the last interval (a writer may still be at
+work), is loaded again through the loader's administrative thread, exactly as `adapters load ID` would:
+running requests finish on the version they started with, new ones get the new one. Adapters not in memory
+need nothing: their first request reads the files as they are.
+"""
+
+import logging
+import threading
+
+from ..server.errors import LoraplexError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterWatcher:
+    def __init__(self, registry, call, interval: float):
+        """call(fn) runs fn on the loader's administrative thread and returns a future (SlotLoader.call)."""
+        self.registry = registry
+        self.call = call
+        self.interval = interval
+        self._seen: dict[str, tuple] = {}       # changed adapter -> its files' signature at the last look
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraplex-adapter-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:       # a failing look must not end the watching
+                log.exception("watching adapter files failed")
+
+    def poll(self) -> list[str]:
+        """Loads the adapters whose changed files held still for one interval; returns their ids."""
+        changed = self.registry.changed_on_disk()
+        settled = [i for i, sig in changed.items() if self._seen.get(i) == sig]
+        self._seen = {i: sig for i, sig in changed.items() if i not in settled}
+        for adapter_id in settled:
+            try:
+                status = self.call(lambda a=adapter_id: self.registry.load(a)).result()
+                log.info("adapter %s changed on disk: version %d published", adapter_id, status.version)
+            except LoraplexError as exc:
+                log.warning("adapter %s changed on disk but cannot be served (%s); the loaded version stays",
+                            adapter_id, exc)
+        return settled
