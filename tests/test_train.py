@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 import adapter_kinds
 from loraplex.adapters import train
@@ -20,7 +20,7 @@ from loraplex.server.model.config import ModelConfig
 from loraplex.v1 import generation_pb2 as pb
 from servers import ServerThread
 
-CAPS_STEPS, JSON_STEPS = 40, 24
+CAPS_STEPS, JSON_STEPS = 60, 24     # caps: the demo's own settings (60 steps, lr 1e-3)
 
 
 def cli(*args, timeout=600):
@@ -33,8 +33,8 @@ def cli(*args, timeout=600):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    summary = json.loads(cli("train", str(root / "caps"), "--task", "caps", "--steps", str(CAPS_STEPS),
-                             "--lr", "2e-3").splitlines()[-1])
+    summary = json.loads(cli("train", str(root / "caps"), "--task", "caps", "--steps", str(CAPS_STEPS))
+                         .splitlines()[-1])
     assert summary["loss_last"] < summary["loss_first"] / 2
     train.train(root / "json", task="json", kind="dora", steps=JSON_STEPS, lr=2e-3, progress=False)
     return root
@@ -87,11 +87,29 @@ def test_every_kind_trains_into_files_the_server_reads(tmp_path, embedded_dir, k
     out = tmp_path / kind
     summary = train.train(out, task="json", kind=kind, steps=4, progress=False)
     assert summary["steps_total"] == 4 and (out / "trainer_state.safetensors").is_file()
-    config = ModelConfig.from_hf(__import__("transformers").AutoConfig.from_pretrained(embedded_dir))
+    config = ModelConfig.from_hf(AutoConfig.from_pretrained(embedded_dir))
     adapter = read_adapter(out, kind, config, max_rank=64)
     assert adapter.format == {"qlora": "lora", "adalora": "adalora"}[kind]
     summary = train.train(out, steps=2, resume=True, progress=False)     # task and kind come from the saved state
     assert (summary["steps_total"], summary["kind"], summary["task"]) == (6, kind, "json")
+
+
+def test_demo_asks_the_base_model_and_both_adapters_in_one_batch(trained):
+    """`loraplex demo` (what `make run` runs) with its adapters already trained: it skips training and
+    prints the three answers to its question."""
+    from loraplex.clients import demo
+
+    out = cli("demo", "--adapters", str(trained))
+    assert "training the demo adapter" not in out
+    section = out.split(f"one batch, three answers> {demo.DEMO_ADAPTER_QUESTION}")[1].split("metrics (")[0]
+    lines = [line.strip() for line in section.strip().splitlines()]
+    answers = dict(zip(lines[0::2], lines[1::2]))
+    assert set(answers) == {"base model:", "adapter caps (answers in capital letters):",
+                            "adapter json (answers as a JSON object):"}, lines
+    assert upper_share(answers["adapter caps (answers in capital letters):"]) > 0.8
+    assert answers["adapter json (answers as a JSON object):"].startswith('{"answer": "')
+    assert upper_share(answers["base model:"]) < 0.2 and not answers["base model:"].startswith("{")
+    assert demo.DEMO_ADAPTER_QUESTION not in train.QUESTIONS
 
 
 def test_resume_refuses_another_task(trained, tmp_path):
