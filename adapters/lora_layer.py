@@ -18,11 +18,12 @@ from .slots import SlotBuffers
 
 @dataclass
 class LoraStep:
-    """Per-step LoRA metadata; segments None = no adapter in this step. scaled: (token rows, their slots)
-    of the tokens whose adapter scales its outputs (DoRA), None when the step has none."""
+    """Per-step LoRA metadata; segments None = no adapter in this step. scaled: per token, the row of the
+    scale buffers it is multiplied by (its slot's when that slot holds a DoRA adapter, else the row of
+    ones); None when no token of the step is scaled."""
     buffers: SlotBuffers
     segments: Segments | None = None
-    scaled: tuple[torch.Tensor, torch.Tensor] | None = None
+    scaled: torch.Tensor | None = None
 
     def set(self, segments: Segments | None) -> None:
         self.segments = segments if segments is not None and len(segments) else None
@@ -34,8 +35,8 @@ class LoraStep:
         if present:
             device = next(iter(self.buffers.scale.values())).device
             token_slots = self.segments.token_slots.to(device)
-            rows = torch.nonzero(torch.isin(token_slots, torch.tensor(present, device=device))).squeeze(1)
-            self.scaled = rows, token_slots[rows]
+            scaled = torch.isin(token_slots, torch.tensor(present, device=device))
+            self.scaled = torch.where(scaled, token_slots, self.buffers.unscaled_row)
 
 
 class LoraLinear(nn.Module):
@@ -60,10 +61,9 @@ class LoraLinear(nn.Module):
             return out
         self.add_delta(x, segments, out)
         if self.step.scaled is not None:                 # DoRA: (base + delta) * m / ||W + BA||, per token
-            rows, slots = self.step.scaled
+            rows = self.step.scaled
             for scale, offset, size in self.scales:
-                part = out[rows, offset:offset + size]
-                out[rows, offset:offset + size] = (part.float() * scale[slots]).to(out.dtype)
+                out[:, offset:offset + size].mul_(scale[rows])   # float32 scales, rounded once into out
         return out
 
     def add_delta(self, x: torch.Tensor, segments: Segments, out: torch.Tensor) -> None:

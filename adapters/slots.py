@@ -101,7 +101,8 @@ class SlotTable:
 class SlotBuffers:
     """a[target]: [num_layers, num_slots, max_rank, in]; b[target]: [num_layers, num_slots, out, max_rank];
     ranks[target]: [num_layers, num_slots] (0 = the adapter does not touch that module);
-    scale[target]: [num_layers, num_slots, out] float32, DoRA's output scales, for slots where scaled[slot]."""
+    scale[target]: [num_layers, num_slots + 1, out] float32, DoRA's output scales, for slots where
+    scaled[slot]; the last row is all ones."""
 
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device):
@@ -117,8 +118,10 @@ class SlotBuffers:
             t: r.to(device) for t, r in self.ranks.items()}
         self._native = torch.device(device).type == "cpu" and native.available()
         # DoRA's per-output scales, float32 whatever the compute dtype; read only for slots marked `scaled`.
-        self.scale = {t: torch.ones(num_layers, num_slots, o, dtype=torch.float32, device=device)
+        # One more row, never written, stays 1: the row of every token whose slot is not scaled.
+        self.scale = {t: torch.ones(num_layers, num_slots + 1, o, dtype=torch.float32, device=device)
                       for t, (_, o) in shapes.items()}
+        self.unscaled_row = num_slots
         self.scaled = [False] * num_slots
 
     def write(self, slot: int, adapter: Adapter) -> None:
@@ -157,7 +160,7 @@ class SlotBuffers:
             self.scaled[slot] = False
             return
         for scale in self.scale.values():
-            scale[:, slot] = 1.0
+            scale[:, slot] = 1.0        # modules the adapter lacks
         scaled = [(key, m.output_scale) for key, m in adapter.modules.items() if m.output_scale is not None]
         dst = [self.scale[target][layer, slot] for (layer, target), _ in scaled]
         torch._foreach_copy_(dst, _on_device([s for _, s in scaled], dst[0].device), non_blocking=True)
