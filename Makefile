@@ -33,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/loraplex bench
 	$(PY) -m loraplex.bench.adapters_bench
+	$(PY) -m loraplex.bench.kinds_bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py
