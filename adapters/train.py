@@ -21,6 +21,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads [torch's default]")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Noise around the progress bar: bitsandbytes notes at import that it has no hub kernel (it needs none
+    # here), and transformers warns of a renamed method PEFT calls.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
