@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from loraplex.adapters.canonical import Adapter
+from loraplex.adapters.canonical import TARGETS, Adapter
 from loraplex.server.model.config import ModelConfig
 
 from .peft_files import AdapterFormatError, in_out_features
@@ -35,7 +35,10 @@ def bind(adapter: Adapter, base_weight: BaseWeight | None) -> Adapter:
     if base_weight is None:
         raise AdapterFormatError("DoRA adapters need the base model's weights, which this reader lacks")
     modules = dict(adapter.modules)
-    for (layer, target), module in adapter.modules.items():
+    # Layer by layer in the targets' order, so that the parts of a packed base module (q|k|v, gate|up)
+    # come one after another and share one dequantization (see lora_layer.base_weights).
+    for layer, target in sorted(adapter.modules, key=lambda k: (k[0], TARGETS.index(k[1]))):
+        module = adapter.modules[(layer, target)]
         if not module.needs_base:
             continue
         w = base_weight(layer, target)
