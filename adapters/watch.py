@@ -22,6 +22,7 @@ class AdapterWatcher:
         self.call = call
         self.interval = interval
         self._seen: dict[str, tuple] = {}       # changed adapter -> its files' signature at the last look
+        self._refused: dict[str, tuple] = {}    # adapter -> signature of files that could not be served
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-adapter-watch", daemon=True)
         self._thread.start()
@@ -39,14 +40,17 @@ class AdapterWatcher:
 
     def poll(self) -> list[str]:
         """Loads the adapters whose changed files held still for one interval; returns their ids."""
-        changed = self.registry.changed_on_disk()
-        settled = [i for i, sig in changed.items() if self._seen.get(i) == sig]
+        changed = {i: sig for i, sig in self.registry.changed_on_disk().items()
+                   if i not in self._refused or self._refused[i] != sig}     # refused files: until they change
+        settled = [i for i, sig in changed.items() if i in self._seen and self._seen[i] == sig]
         self._seen = {i: sig for i, sig in changed.items() if i not in settled}
         for adapter_id in settled:
             try:
                 status = self.call(lambda a=adapter_id: self.registry.load(a)).result()
                 log.info("adapter %s changed on disk: version %d published", adapter_id, status.version)
+                self._refused.pop(adapter_id, None)
             except LoraplexError as exc:
+                self._refused[adapter_id] = changed[adapter_id]
                 log.warning("adapter %s changed on disk but cannot be served (%s); the loaded version stays",
                             adapter_id, exc)
         return settled

@@ -366,3 +366,37 @@ def test_watcher_waits_for_files_to_hold_still():
         assert registry.loads == ["a"]
     finally:
         watcher.stop()
+
+
+def test_watcher_tries_refused_files_once_until_they_change():
+    from concurrent.futures import Future
+
+    from loraplex.adapters.watch import AdapterWatcher
+    from loraplex.server.errors import NotFoundError
+
+    class Registry:
+        signatures = iter([{"gone": None}] * 4 + [{"gone": 7}] * 2)
+        loads = []
+
+        def changed_on_disk(self):
+            return next(self.signatures)
+
+        def load(self, adapter_id):
+            self.loads.append(adapter_id)
+            raise NotFoundError(f"adapter {adapter_id!r} not found")
+
+    def call(fn):
+        future = Future()
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    registry = Registry()
+    watcher = AdapterWatcher(registry, call, interval=3600)
+    try:
+        assert [watcher.poll() for _ in range(6)] == [[], ["gone"], [], [], [], ["gone"]]
+        assert registry.loads == ["gone", "gone"]      # once for the deleted files, once when new ones came
+    finally:
+        watcher.stop()
