@@ -32,6 +32,21 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _shrink_row(x_ptr, a_ptr, token, slot, live, in_features, stride_x, stride_a_slot, stride_a_rank,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A[slot, :r] @ x[token] in float32 ([BLOCK_R], zero past the rank), BLOCK_K inputs at a time."""
+        rows = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            in_bounds = cols < in_features
+            x = tl.load(x_ptr + token * stride_x + cols, mask=in_bounds, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + slot * stride_a_slot + rows[:, None] * stride_a_rank + cols[None, :],
+                        mask=live[:, None] & in_bounds[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * x[None, :], axis=1)
+        return acc
+
+    @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, slots_ptr, ranks_ptr, out_ptr, in_features, stride_x, stride_out,
                        stride_a_slot, stride_a_rank, BLOCK_R: tl.constexpr,
                        BLOCK_K: tl.constexpr):
@@ -41,14 +56,8 @@ if triton is not None:
             rank = tl.load(ranks_ptr + slot)
             rows = tl.arange(0, BLOCK_R)
             live = rows < rank
-            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for k0 in range(0, in_features, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                in_bounds = cols < in_features
-                x = tl.load(x_ptr + token * stride_x + cols, mask=in_bounds, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + slot * stride_a_slot + rows[:, None] * stride_a_rank + cols[None, :],
-                            mask=live[:, None] & in_bounds[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(a * x[None, :], axis=1)
+            acc = _shrink_row(x_ptr, a_ptr, token, slot, live, in_features, stride_x, stride_a_slot,
+                              stride_a_rank, BLOCK_R, BLOCK_K)
             tl.store(out_ptr + token * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
@@ -81,14 +90,8 @@ if triton is not None:
         if rank > 0:
             rows = tl.arange(0, BLOCK_R)
             live = rows < rank
-            acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for k0 in range(0, in_features, BLOCK_K):      # the shrink, exactly as _shrink_kernel sums it
-                cols = k0 + tl.arange(0, BLOCK_K)
-                in_bounds = cols < in_features
-                x = tl.load(x_ptr + token * stride_x + cols, mask=in_bounds, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + slot * stride_a_slot + rows[:, None] * stride_a_rank + cols[None, :],
-                            mask=live[:, None] & in_bounds[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(a * x[None, :], axis=1)
+            acc = _shrink_row(x_ptr, a_ptr, token, slot, live, in_features, stride_x, stride_a_slot,
+                              stride_a_rank, BLOCK_R, BLOCK_K)       # the same sum as _shrink_kernel's
             # rounded to the compute dtype, as the two-kernel path stores it between its kernels
             y = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
             cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
