@@ -10,20 +10,25 @@ import torch
 from loraplex.adapters.canonical import TARGETS
 
 
-def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) -> list[str]:
-    """n PEFT-made random adapters (init_lora_weights=False) on all 7 projections, in root/a0 .. root/a{n-1}."""
+def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int, dora: bool = False) -> list[str]:
+    """n PEFT-made random adapters (init_lora_weights=False) on all 7 projections, in root/a0 .. root/a{n-1};
+    with dora, DoRA adapters (magnitudes moved off their initial norms) in root/d0 ...."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prefix, seed = ("d", 2000) if dora else ("a", 1000)
     names = []
     for i in range(n):
-        torch.manual_seed(1000 + i)
+        torch.manual_seed(seed + i)
         model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-                                                init_lora_weights=False))
-        model.save_pretrained(str(root / f"a{i}"))
+                                                use_dora=dora, init_lora_weights=False))
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.data *= 1 + 0.05 * torch.randn_like(p)
+        model.save_pretrained(str(root / f"{prefix}{i}"))
         base = model.unload()
-        names.append(f"a{i}")
+        names.append(f"{prefix}{i}")
     return names
 
 

@@ -18,9 +18,6 @@ import sys
 import tempfile
 import time
 
-import torch
-
-from loraplex.adapters.canonical import TARGETS
 from loraplex.server.config import ServerConfig
 
 from . import machine
@@ -32,32 +29,12 @@ from .workload import decode_prompts
 log = logging.getLogger("loraplex.bench.kinds")
 
 
-def make_dora_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int) -> list[str]:
-    """n PEFT-made DoRA adapters (random factors, magnitudes moved off their initial norms), root/d0 ...."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    names = []
-    for i in range(n):
-        torch.manual_seed(2000 + i)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-                                                use_dora=True, init_lora_weights=False))
-        for name, p in model.named_parameters():
-            if "magnitude" in name:
-                p.data *= 1 + 0.05 * torch.randn_like(p)
-        model.save_pretrained(str(root / f"d{i}"))
-        base = model.unload()
-        names.append(f"d{i}")
-    return names
-
-
 def run(s: Settings, root: pathlib.Path, rounds: int) -> dict:
     from loraplex.server.model.store import default_model_dir
 
     model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
     lora = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank))
-    dora = isolated(lambda: make_dora_adapters(model_dir, root, s.adapters, s.rank))
+    dora = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank, dora=True))
     prompts = decode_prompts(s.adapters)
     half = s.adapters // 2
     batches = {"lora": lora, "half_dora": lora[:half] + dora[half:], "dora": dora, "base": [""] * s.adapters}
