@@ -289,15 +289,14 @@ class AdapterRegistry:
         version being served (a deleted directory included)."""
         with self._lock:
             served = {i: r.signature for i, r in self._host.items()}
-        changed = {}
-        for adapter_id, signature in served.items():
-            try:
-                now = _signature(self._read_dir(adapter_id))
-            except LoraplexError:
-                now = None
-            if now != signature:
-                changed[adapter_id] = now
-        return changed
+        now = {i: self._signature_now(i) for i in served}
+        return {i: sig for i, sig in now.items() if sig != served[i]}
+
+    def _signature_now(self, adapter_id: str) -> tuple | None:
+        try:
+            return _signature(self._read_dir(adapter_id))
+        except LoraplexError:       # the directory is gone
+            return None
 
     def unload(self, adapter_id: str) -> AdapterStatus:
         """Drops the adapter from memory. Requests running on it finish first (their slot is freed then);
@@ -343,11 +342,12 @@ def _call(fn):
 
 
 def _signature(directory: Path) -> tuple:
-    stats = []
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        try:
-            st = (directory / name).stat()
-            stats.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            stats.append(None)
-    return tuple(stats)
+    return tuple(_stat(directory / name) for name in ("adapter_config.json", "adapter_model.safetensors"))
+
+
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
