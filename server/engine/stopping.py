@@ -10,11 +10,12 @@ REPLACEMENT = "\ufffd"
 
 
 def find_stop(text: str, stops: Seq[str], start: int = 0) -> tuple[int, str] | None:
-    """The earliest stop sequence in text that ends after `start`: (index where it begins, the sequence)."""
+    """The earliest stop sequence in text that ends after `start`: (index where it begins, the sequence);
+    of two beginning at one index, the shorter (it was complete first)."""
     best = None
     for stop in stops:
         i = text.find(stop, max(0, start - len(stop) + 1))
-        if i >= 0 and (best is None or i < best[0]):
+        if i >= 0 and (best is None or (i, len(stop)) < (best[0], len(best[1]))):
             best = (i, stop)
     return best
 
@@ -47,15 +48,18 @@ class TextTracker:
         self._ids: list[int] = []
 
     def update(self, output_ids: list[int], check_stops: bool = True) -> tuple[str, str | None]:
-        """Takes the tokens so far; returns (text to emit now, stop sequence found or None)."""
+        """Takes the tokens so far; returns (text to emit now, stop sequence found or None).
+
+        check_stops=False (before min_new_tokens): stop sequences completed by these tokens are never
+        matched, now or later; they stay in the text. One that began then and is completed by a later,
+        checked token is matched."""
         self._advance(output_ids)
-        if check_stops and self.stops:
-            found = find_stop(self.text, self.stops, self.checked)
-            self.checked = len(self.text)
-            if found is not None:
-                index, stop = found
-                end = index + len(stop) if self.include_stop else index
-                return self._emit(end), stop
+        found = find_stop(self.text, self.stops, self.checked) if check_stops and self.stops else None
+        self.checked = len(self.text)
+        if found is not None:
+            index, stop = found
+            end = index + len(stop) if self.include_stop else index
+            return self._emit(end), stop
         return self._emit(len(self.text) - held_back(self.text, self.stops)), None
 
     def _advance(self, ids: list[int], final: bool = False) -> None:
