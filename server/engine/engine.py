@@ -280,6 +280,9 @@ class Engine:
         if seq.aborted:
             self._finish(seq, StopReason.CANCELLED)
             return seq, None
+        if error is None and i in sampled.failed:
+            log.error("sampling failed for request %s: %s", seq.request_id, sampled.failed[i])
+            error = InternalError(f"sampling failed for this request: {sampled.failed[i]}")
         if error is not None:
             self._finish(seq, StopReason.ERROR)
             return seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)

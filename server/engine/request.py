@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 from ..errors import InvalidArgumentError
 
 
+# Ranges in which the sampler's float32 arithmetic stays finite: logits are divided by the temperature and
+# divided or multiplied by the penalty, so |logit| / 1e-4 and |logit| * 100 stay far below float32's 3.4e38,
+# and no finite temperature turns a banned token's -inf into NaN (-inf / inf).
+TEMPERATURE_RANGE = (1e-4, 100.0)
+PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
@@ -15,21 +22,29 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1 = off
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InvalidArgumentError("params.sampling.temperature", f"must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidArgumentError("params.sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if not (self.temperature == 0 or TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]):
+            raise InvalidArgumentError("params.sampling.temperature",
+                                       f"must be 0 (greedy) or in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}], "
+                                       f"got {self.temperature}")
+        if not 0 <= self.top_k < 2**31:
+            raise InvalidArgumentError("params.sampling.top_k", f"must be in [0, 2^31), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidArgumentError("params.sampling.top_p", f"must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
             raise InvalidArgumentError("params.sampling.repetition_penalty",
-                                       f"must be > 0, got {self.repetition_penalty}")
+                                       f"must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}], "
+                                       f"got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidArgumentError("params.sampling.seed", f"must be in [0, 2^63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# Every step searches each running sequence's new text for its stop sequences on the engine thread: bounded.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,11 @@ class StoppingParams:
                                        f"got {self.min_new_tokens}")
         if any(not s for s in self.stop_sequences):
             raise InvalidArgumentError("params.stopping.stop_sequences", "must not contain an empty string")
-        if len(self.stop_sequences) > 16:
-            raise InvalidArgumentError("params.stopping.stop_sequences", "at most 16 are allowed")
+        if len(self.stop_sequences) > MAX_STOP_SEQUENCES:
+            raise InvalidArgumentError("params.stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+        if any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in self.stop_sequences):
+            raise InvalidArgumentError("params.stopping.stop_sequences",
+                                       f"each must be at most {MAX_STOP_SEQUENCE_CHARS} characters long")
         if self.time_limit_millis < 0:
             raise InvalidArgumentError("params.stopping.time_limit_millis", "must be >= 0")
 

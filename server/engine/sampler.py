@@ -5,7 +5,7 @@ Reported logprobs are of the model's distribution after the repetition penalty, 
 top-k and top-p (the distribution the request's sampling settings reshape).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class Sampled:
     token_ids: list[int]
     logprobs: list[float] | None = None                          # per sequence, of the chosen token
     top: list[list[tuple[int, float]]] | None = None             # per sequence, the n most likely
+    failed: dict[int, Exception] = field(default_factory=dict)   # sequence index -> why it got no token
 
 
 def pick(head: OutputHead, hidden: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> Sampled:
@@ -36,7 +37,8 @@ def pick(head: OutputHead, hidden: torch.Tensor, seqs: list[Sequence], eos_ids: 
             tokens[i] = sampled.token_ids[j]
             if sampled.logprobs is not None:
                 logprobs[i], top[i] = sampled.logprobs[j], sampled.top[j]
-    return Sampled(tokens, logprobs, top)
+        failed = {full[j]: exc for j, exc in sampled.failed.items()}
+    return Sampled(tokens, logprobs, top, failed if full else {})
 
 
 def _needs_distribution(seq: Sequence) -> bool:
@@ -53,13 +55,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     """logits: [batch, vocab] float32, row i for seqs[i]; modified in place. Sampling runs on the CPU,
     where each sequence's seeded generator lives (so a seed gives the same tokens on any device)."""
     logits = logits.cpu()
+    tokens, failed = [0] * len(seqs), {}
     for i, seq in enumerate(seqs):
-        _penalize(logits[i], seq, eos_ids)
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = [greedy[i] if seq.request.sampling.greedy else _draw(logits[i], seq) for i, seq in enumerate(seqs)]
+        try:      # one sequence's failure ends that sequence alone, never the step
+            tokens[i] = _choose(logits[i], seq, eos_ids)
+        except (RuntimeError, ValueError) as exc:
+            failed[i] = exc
     want_logprobs = any(s.request.response.token_logprobs or s.request.response.top_n_tokens for s in seqs)
     if not want_logprobs:
-        return Sampled(tokens)
+        return Sampled(tokens, failed=failed)
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs[torch.arange(len(seqs)), torch.tensor(tokens)].tolist()
     top = []
@@ -67,7 +71,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
         n = seq.request.response.top_n_tokens
         values, ids = logprobs[i].topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
         top.append(list(zip(ids.tolist(), values.tolist())))
-    return Sampled(tokens, chosen, top)
+    return Sampled(tokens, chosen, top, failed)
+
+
+def _choose(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> int:
+    _penalize(row, seq, eos_ids)
+    if not (row.isfinite() | row.isneginf()).all() or row.isneginf().all():
+        raise ValueError("the model's scores for this request are not finite")
+    return int(row.argmax()) if seq.request.sampling.greedy else _draw(row, seq)
 
 
 def _penalize(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> None:
