@@ -1,9 +1,13 @@
-"""LoRA segments of one step: runs of consecutive tokens that share an adapter slot.
+"""LoRA segments of one step: one per sequence that has an adapter, its tokens in a run.
 
 Computed once per step by the model runner (from the batch's per-sequence slot ids and token counts) and
-only read by the LoRA layers. Segments follow token order; sequences are not reordered, so two sequences on
-the same slot form one segment only when they are adjacent. Slot -1 means "no adapter" (base model only);
-such runs are left out of the segment lists and marked -1 in the per-token tensor.
+only read by the LoRA layers. Slot -1 means "no adapter" (base model only); such sequences are left out of
+the segment lists and marked -1 in the per-token tensor.
+
+Two sequences on one slot stay two segments even when they are adjacent: a matrix product's rounding
+depends on how many rows it has (BLAS picks its blocking by shape), so a segment holding one sequence
+gives that sequence the same bits whatever else is in the batch: alone, beside other adapters, or beside
+copies of itself. Decode then multiplies single rows, as an unbatched forward does.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Segments:
 
 
 def segment_runs(seq_slots: list[int], seq_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """(starts, ends, slots) of the adapter runs; equal adjacent slots merge, base runs are dropped."""
+    """(starts, ends, slots) of the adapter runs, one per sequence; base sequences are dropped."""
     _validate(seq_slots, seq_lens)
     starts: list[int] = []
     ends: list[int] = []
@@ -48,12 +52,9 @@ def segment_runs(seq_slots: list[int], seq_lens: list[int]) -> tuple[list[int], 
     pos = 0
     for slot, length in zip(seq_slots, seq_lens):
         if length and slot != BASE_SLOT:
-            if slots and slots[-1] == slot and ends[-1] == pos:
-                ends[-1] = pos + length  # adjacent run on the same slot: extend it
-            else:
-                starts.append(pos)
-                ends.append(pos + length)
-                slots.append(slot)
+            starts.append(pos)
+            ends.append(pos + length)
+            slots.append(slot)
         pos += length
     return starts, ends, slots
 

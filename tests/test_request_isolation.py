@@ -3,7 +3,6 @@ sequence whose sampling still fails ends alone while the rest of its step goes o
 
 Oracle: each healthy request's own answer when it runs alone (greedy and seeded sampling are exact)."""
 
-import queue
 import threading
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from loraplex.server.engine.request import GenerationRequest, SamplingParams, StoppingParams
 from loraplex.server.engine.sequence import StopReason
 from loraplex.v1 import generation_pb2 as pb
+from engine_calls import run_together
 
 NEW = 8
 BAD_SAMPLING = [   # each passed the old checks and then broke the sampler for the whole step
@@ -63,19 +63,6 @@ def test_bad_sampling_value_is_refused_and_its_batch_is_unharmed(tiny_server, st
     assert [results[i] for i in range(len(HEALTHY))] == alone
 
 
-def run_in_one_step(engine, requests) -> dict[str, list]:
-    """Adds every request between two steps of the loop, so that they are prefilled in one step; returns
-    each request's outputs."""
-    outputs = {r.request_id: queue.Queue() for r in requests}
-    engine.between_steps(lambda: [engine.add_request(r, outputs[r.request_id].put) for r in requests])
-    collected = {}
-    for request_id, q in outputs.items():
-        collected[request_id] = [q.get(timeout=60)]
-        while not collected[request_id][-1].finished:
-            collected[request_id].append(q.get(timeout=60))
-    return collected
-
-
 def domain(**sampling) -> GenerationRequest:
     return GenerationRequest("The weather today is", sampling=SamplingParams(**sampling),
                              stopping=StoppingParams(max_new_tokens=NEW, min_new_tokens=NEW))
@@ -84,7 +71,7 @@ def domain(**sampling) -> GenerationRequest:
 def test_a_sequence_whose_sampling_fails_ends_alone(tiny_server_thread):
     engine = tiny_server_thread.engine
     healthy = [domain(**h) for h in HEALTHY]
-    alone = {r.request_id: run_in_one_step(engine, [r])[r.request_id] for r in healthy}
+    alone = {r.request_id: run_together(engine, [r])[r.request_id] for r in healthy}
     poisoned = []
     for values in (dict(temperature=1e-45), dict(temperature=float("inf")), dict(repetition_penalty=1e-45)):
         request = domain(temperature=0.7)   # valid when made; then changed behind validation's back
@@ -92,7 +79,7 @@ def test_a_sequence_whose_sampling_fails_ends_alone(tiny_server_thread):
             object.__setattr__(request.sampling, field, value)
         poisoned.append(request)
     again = [domain(**h) for h in HEALTHY]
-    together = run_in_one_step(engine, again + poisoned)
+    together = run_together(engine, again + poisoned)
     for request in poisoned:
         last = together[request.request_id][-1]
         assert last.stop_reason is StopReason.ERROR and "sampling failed" in str(last.error)

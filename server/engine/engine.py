@@ -248,6 +248,7 @@ class Engine:
                     return
                 chore = self._chores.popleft() if self._chores else None
                 batch = self.scheduler.schedule() if self.scheduler.has_work() else None
+                self.runner.move_kv(*self.scheduler.take_kv_moves())
                 if batch is None and chore is None:   # only requests waiting for their adapter: the loader wakes us
                     self._wake.wait(0.05)
                 for seq in batch.seqs if batch else ():

@@ -2,7 +2,8 @@
 
 Paging (rather than one max-length slot per sequence) lets short requests take only the memory they
 use, so the same budget holds more concurrent sequences; blocks are allocated a token at a time, and
-when none are left the newest running sequence is preempted and later recomputed.
+when none are left the newest running sequence is preempted (its rows kept in host memory, see
+Scheduler._preempt).
 """
 
 import math

@@ -42,8 +42,28 @@ class ModelRunner:
         hidden = self.model(input_ids, ctx)
         return pick(self.head, hidden, batch.seqs, eos_ids)
 
+    @torch.inference_mode()
+    def move_kv(self, saves: list[tuple[Sequence, list[int]]], restores: list[Sequence]) -> None:
+        """Preempted sequences' K/V rows (under their old block tables) to host memory, then resumed ones'
+        saved rows into their new blocks; before the next step writes into any freed block."""
+        for seq, table in saves:
+            rows = self._tensor(self._rows(table, 0, seq.num_cached))
+            seq.saved_kv = [(attn.k_cache[rows].cpu(), attn.v_cache[rows].cpu()) for attn in self._attention()]
+        for seq in restores:
+            rows = self._tensor(self._rows(seq.block_table, 0, seq.num_cached))
+            for attn, (k, v) in zip(self._attention(), seq.saved_kv):
+                attn.k_cache[rows] = k.to(attn.k_cache.device)
+                attn.v_cache[rows] = v.to(attn.v_cache.device)
+            seq.saved_kv = None
+
+    def _attention(self):
+        return [layer.self_attn for layer in self.model.model.layers]
+
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
+        return self._rows(seq.block_table, start, end)
+
+    def _rows(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _tensor(self, values) -> torch.Tensor:

@@ -24,6 +24,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        # K/V moves the runner must make before the next step, in this order: (sequence, its old block
+        # table) whose rows go to host memory, then sequences whose saved rows come back into new blocks
+        self.kv_saves: list[tuple[Sequence, list[int]]] = []
+        self.kv_restores: list[Sequence] = []
+        self.swap_rows = blocks.num_blocks * blocks.block_size   # host rows preempted sequences may hold
+        self._swapped_rows = 0
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_queue_size:
@@ -48,6 +54,10 @@ class Scheduler:
             if len(self.running) + len(admitted) >= self.max_batch_size:
                 break
             if seq.adapter_pending:
+                continue
+            if seq.swapped:
+                if not self._resume(seq):
+                    break
                 continue
             n = seq.num_tokens
             if admitted and tokens + n > self.max_prefill_tokens:
@@ -76,17 +86,51 @@ class Scheduler:
                 self.blocks.grow(seq.block_table, seq.num_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
-        # Its K/V are dropped and recomputed by a later prefill over prompt + output so far.
+        """Its K/V rows move to host memory and come back unchanged when it resumes, so its numbers stay
+        those of an uninterrupted run (a prefill over prompt + output would round differently). When the
+        host rows are used up, they are dropped and recomputed by a later prefill instead."""
         self.running.remove(seq)
+        if seq in self.kv_restores:   # resumed in this same schedule: its rows were never put back
+            self.kv_restores.remove(seq)
+            seq.swapped = True
+            self._swapped_rows += seq.num_cached
+        elif self._swapped_rows + seq.num_cached <= self.swap_rows:
+            self.kv_saves.append((seq, list(seq.block_table)))
+            seq.swapped = True
+            self._swapped_rows += seq.num_cached
         self.blocks.release(seq.block_table)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _resume(self, seq: Sequence) -> bool:
+        """A swapped sequence back to running, with blocks for its saved rows; it decodes next."""
+        if not self.blocks.can_grow(seq.block_table, seq.num_cached):
+            return False
+        self.blocks.grow(seq.block_table, seq.num_cached)
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.kv_restores.append(seq)
+        self._unswap(seq)
+        return True
+
+    def _unswap(self, seq: Sequence) -> None:
+        seq.swapped = False
+        self._swapped_rows -= seq.num_cached
+
+    def take_kv_moves(self) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
+        moves = (self.kv_saves, self.kv_restores)
+        self.kv_saves, self.kv_restores = [], []
+        return moves
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+            if seq.swapped:
+                self._unswap(seq)
+                seq.saved_kv = None
         self.blocks.release(seq.block_table)
         seq.status = Status.FINISHED

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import nf4_cpu
+from .row_padding import RowPadded
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
@@ -67,6 +68,10 @@ def _read_safetensors(model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 def _linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | None) -> nn.Module:
+    return RowPadded(_base_linear(weights, name, module, device, dtype, quant))
+
+
+def _base_linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | None) -> nn.Module:
     weight, bias = _stacked(weights, name, module)
     weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     parts = len(PACKED.get(name.rpartition(".")[2], ())) or 1
@@ -140,6 +145,8 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     """[out, in] float32: the weight a linear of ours multiplies by, dequantized (DoRA's norms need it)."""
     import bitsandbytes as bnb
 
+    if isinstance(layer, RowPadded):
+        return dense_weight(layer.inner)
     if isinstance(layer, StackedLinear):
         return torch.cat([dense_weight(part) for part in layer.parts])
     if isinstance(layer, nf4_cpu.FusedNF4Linear):
