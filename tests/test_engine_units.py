@@ -158,6 +158,37 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
     assert s.blocks.num_free == 0 and b.block_table == []
 
 
+def test_preempted_sequence_is_saved_then_resumed_into_new_blocks_without_a_prefill():
+    s = Scheduler(BlockManager(2, 4), max_batch_size=4, max_prefill_tokens=100, max_queue_size=4)
+    a, b = seq(4), seq(4)
+    s.add(a), s.add(b)
+    s.schedule()
+    a.output_ids.append(7)
+    b.output_ids.append(7)
+    old_table = list(b.block_table)
+    s.schedule()                                       # b is preempted
+    assert s.take_kv_moves() == ([(b, old_table)], []) and b.swapped
+    s.finish(a)                                        # its blocks free again
+    batch = s.schedule()
+    assert not batch.prefill and batch.seqs == [b]     # resumed straight into decode
+    assert s.take_kv_moves() == ([], [b]) and not b.swapped and len(b.block_table) == 2
+
+
+def test_preempted_sequence_is_recomputed_when_host_rows_run_out():
+    s = Scheduler(BlockManager(2, 4), max_batch_size=4, max_prefill_tokens=100, max_queue_size=4)
+    s.swap_rows = 0
+    a, b = seq(4), seq(4)
+    s.add(a), s.add(b)
+    s.schedule()
+    a.output_ids.append(7)
+    b.output_ids.append(7)
+    s.schedule()
+    assert s.take_kv_moves() == ([], []) and not b.swapped
+    s.finish(a)
+    batch = s.schedule()
+    assert batch.prefill and batch.seqs == [b]         # prompt + output prefilled again
+
+
 def test_scheduler_refuses_when_queue_full():
     s = Scheduler(BlockManager(4, 4), max_batch_size=1, max_prefill_tokens=100, max_queue_size=1)
     s.add(seq(2))
