@@ -208,6 +208,7 @@ class AdapterRegistry:
         """Frees key's slot now, or at its last release when requests still run on it."""
         if key not in self.slots:
             return
+        self.slots.pin(key, False)
         if self.slots.refs(key):
             self._stale.add(key)
         else:
@@ -274,7 +275,10 @@ class AdapterRegistry:
         return sorted([*loaded.values(), *on_disk], key=lambda s: s.adapter_id)
 
     def load(self, adapter_id: str, pin: bool = False) -> AdapterStatus:
-        """Reads the adapter now; if its files changed since it was read, publishes a new version."""
+        """Reads the adapter now; if its files changed since it was read, publishes a new version. A pinned
+        adapter stays pinned: its new version is put in a slot and pinned in place of the old one."""
+        with self._lock:
+            pin = pin or any(self.slots.pinned(k) for k in self.slots.keys() if k[0] == adapter_id)
         resident = self._resident(adapter_id, refresh=True)
         if pin:
             _, key = self.acquire(adapter_id)
