@@ -12,6 +12,7 @@ from ..build import ModelDescription
 from ..config import ServerConfig
 from ..engine.engine import Engine
 from ..metrics import NO_METRICS, Metrics
+from .decode import DecodeRequests
 from .generation import GenerationService
 from .security import TokenAuth, server_credentials
 
@@ -55,7 +56,7 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
     auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token},
                      (metrics or NO_METRICS).unauthenticated)
     server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-                             interceptors=[auth])
+                             interceptors=[auth, DecodeRequests()])   # auth first: refusals parse nothing
     service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size,
                                 config.log_prompts, metrics or NO_METRICS)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
