@@ -6,7 +6,7 @@ from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 
 from ...adapters.registry import AdapterRegistry, AdapterStatus
-from ..errors import InvalidArgumentError, LoraplexError
+from ..errors import InvalidArgumentError
 from .errors import abort_with
 
 STATES = {"on_disk": pb.ON_DISK, "loaded": pb.LOADED, "unloaded": pb.UNLOADED}
@@ -47,7 +47,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
             if on_loader and self.loader is not None:
                 return await asyncio.wrap_future(self.loader.call(fn))
             return await asyncio.get_running_loop().run_in_executor(None, fn)
-        except LoraplexError as exc:
+        except Exception as exc:   # noqa: BLE001 - abort_with maps each kind, the unexpected to INTERNAL
             await abort_with(context, exc)
 
 

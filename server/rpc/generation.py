@@ -9,7 +9,7 @@ from loraplex.v1 import generation_pb2_grpc as pb_grpc
 from ..build import ModelDescription
 from ..engine.engine import Engine
 from ..engine.sequence import RequestOutput
-from ..errors import InvalidArgumentError, LoraplexError
+from ..errors import InvalidArgumentError
 from ..metrics import NO_METRICS, Metrics
 from .convert import to_request, to_response
 from .errors import abort_with
@@ -51,7 +51,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)   # noqa: E731
             # on an executor thread: it tokenizes the prompt and checks the adapter id on disk
             await loop.run_in_executor(None, self.engine.add_request, req, sink)
-        except LoraplexError as exc:
+        except Exception as exc:   # noqa: BLE001 - abort_with maps each kind; asyncio's CancelledError passes
             record.failed(exc)
             await abort_with(context, exc)
         finished = False
@@ -75,6 +75,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Tokenize(self, request, context):
         if not request.text:
             await abort_with(context, InvalidArgumentError("text", "is empty"))
+        try:
+            # ~1.5 s per MB of text: on an executor thread, so the event loop keeps streaming meanwhile
+            return await asyncio.get_running_loop().run_in_executor(None, self._tokenize, request)
+        except Exception as exc:   # noqa: BLE001
+            await abort_with(context, exc)
+
+    def _tokenize(self, request) -> pb.TokenizeResponse:
         ids = self.engine.tokenizer.encode(request.text)
         tokens = self.engine.tokenizer.convert_ids_to_tokens(ids) if request.return_tokens else []
         return pb.TokenizeResponse(token_count=len(ids), token_ids=ids, tokens=tokens)
