@@ -1,10 +1,14 @@
 """Each server limit, exceeded through the real gRPC stack, gets its own status code and a message that
 names it; the server keeps serving afterwards."""
 
+import asyncio
+import collections
+
 import grpc
 import pytest
 
 from loraplex.v1 import generation_pb2 as pb
+from loraplex.v1 import generation_pb2_grpc as pb_grpc
 from servers import ServerThread
 
 
@@ -65,3 +69,44 @@ def test_concurrent_rpcs(tiny_model_dir, stub_for):
         assert stub.Generate(request(), timeout=30).generated_token_count == 4
     finally:
         server.close()
+
+
+def test_streams_beyond_the_connection_limit_wait(tiny_model_dir):
+    # 200 calls at once on one connection to a server allowing 8 streams per connection: all succeed, and
+    # the engine never holds more than 8 of them (the rest waited in the client for a free stream)
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=16,
+                          max_concurrent_streams=8)
+    try:
+        codes, most_at_once = asyncio.run(_burst(server, calls=200))
+        assert codes == {grpc.StatusCode.OK: 200}
+        assert 2 <= most_at_once <= 8
+    finally:
+        server.close()
+
+
+async def _burst(server, calls: int) -> tuple[dict, int]:
+    """Status counts of `calls` concurrent short streams on one channel, and the most requests the engine
+    held at once meanwhile."""
+    seen = [0]
+
+    async def watch():
+        while True:
+            stats = server.engine.stats()
+            seen[0] = max(seen[0], stats.running + stats.waiting)
+            await asyncio.sleep(0.002)
+
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        watcher = asyncio.create_task(watch())
+        codes = await asyncio.gather(*(_stream_code(stub) for _ in range(calls)))
+        watcher.cancel()
+    return dict(collections.Counter(codes)), seen[0]
+
+
+async def _stream_code(stub) -> grpc.StatusCode:
+    try:
+        async for _ in stub.GenerateStream(request(n=2), timeout=120):
+            pass
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()

@@ -38,11 +38,19 @@ class Health:
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """The server's transport limits (see ServerConfig for each)."""
+    """The server's transport limits (see ServerConfig for each).
+
+    grpc's "overload protection" (on by default) counts a connection's streams until the server has freed
+    them, later than the client sees them end, and refuses streams over the limit with RST_STREAM
+    (REFUSED_STREAM, UNAVAILABLE for the caller). Off, the limit is plain HTTP/2 concurrency: the client
+    queues further calls until one of its streams ends, as the docs promise. --max-concurrent-rpcs still
+    bounds the calls a server serves over all connections.
+    """
     return [("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            ("grpc.http.overload_protection", 0),   # GRPC_ARG_MAX_CONCURRENT_STREAMS_OVERLOAD_PROTECTION
             ("grpc.keepalive_time_ms", config.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
