@@ -38,6 +38,11 @@ def long_request(n=400):
     (gen(top_p=-0.1), INVALID, "top_p"),
     (gen(stop_sequences=[""]), INVALID, "stop_sequences"),
     (pb.GenerateRequest(text="hi", adapter_id="no-such-adapter"), grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
+    (gen(temperature=float("nan")), INVALID, "temperature"),
+    (gen(top_p=float("nan")), INVALID, "top_p"),
+    (gen(repetition_penalty=float("inf")), INVALID, "repetition_penalty"),
+    (pb.GenerateRequest(text="hi", request_id="a\x00b"), INVALID, "request_id"),
+    (pb.GenerateRequest(text="hi", request_id="r" * 257), INVALID, "request_id"),
 ])
 def test_bad_request_gets_status_naming_the_field(tiny_server, stub_for, request_, code, words):
     stub = stub_for(tiny_server)

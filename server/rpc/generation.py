@@ -49,9 +49,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         try:
             req = to_request(request, self.default_max_new_tokens)
             sink = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)   # noqa: E731
-            # on an executor thread: it tokenizes the prompt and checks the adapter id on disk
-            await loop.run_in_executor(None, self.engine.add_request, req, sink)
-        except Exception as exc:   # noqa: BLE001 - abort_with maps each kind; asyncio's CancelledError passes
+            await self._add(req, sink)
+        except asyncio.CancelledError:   # the client left (cancel, deadline) before the engine took it
+            record.abandoned(context.time_remaining())
+            raise
+        except Exception as exc:   # noqa: BLE001 - abort_with maps each kind, the unexpected to INTERNAL
             record.failed(exc)
             await abort_with(context, exc)
         finished = False
@@ -71,6 +73,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if not finished:   # the client went away (cancel, deadline): free its memory now
                 record.abandoned(context.time_remaining())
                 self.engine.abort(req.request_id)
+
+    async def _add(self, req, sink) -> None:
+        """Engine.add_request on an executor thread: it tokenizes the prompt and checks the adapter id on
+        disk. A thread cannot be stopped: if the client leaves meanwhile, the request is aborted once added."""
+        added = asyncio.get_running_loop().run_in_executor(None, self.engine.add_request, req, sink)
+        try:
+            await asyncio.shield(added)
+        except asyncio.CancelledError:
+            added.add_done_callback(lambda f: f.exception() is None and self.engine.abort(req.request_id))
+            raise
 
     async def Tokenize(self, request, context):
         if not request.text:
