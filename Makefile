@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench protos check-protos clean
+.PHONY: install run test fuzz bench protos check-protos clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the gRPC fuzzer of tests/test_grpc_faults.py, longer: FUZZ_CASES seeded cases against a tiny model
+FUZZ_CASES ?= 2000
+fuzz: $(STAMP)
+	$(PY) tests/fuzz_requests.py -n $(FUZZ_CASES)
 
 bench: $(STAMP)
 	$(VENV)/bin/loraplex bench
