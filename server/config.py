@@ -36,7 +36,8 @@ class ServerConfig:
     max_message_bytes: int = _opt(4 * 2**20, "largest gRPC message received or sent; larger ones get "
                                              "RESOURCE_EXHAUSTED")
     max_concurrent_rpcs: int = _opt(1024, "RPCs served at once; more get RESOURCE_EXHAUSTED")
-    max_concurrent_streams: int = _opt(128, "HTTP/2 streams per client connection (more wait in the client for one to end)")
+    max_concurrent_streams: int = _opt(128, "HTTP/2 streams per client connection (more wait in the client for "
+                                            "one to end)")
     keepalive_time_ms: int = _opt(60_000, "ping an idle client connection this often")
     keepalive_timeout_ms: int = _opt(20_000, "close a connection whose ping is not answered within this")
     keepalive_min_ping_interval_ms: int = _opt(10_000, "clients pinging more often than this are told to go away")
