@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test fuzz bench protos check-protos clean
+.PHONY: install run test fuzz soak bench protos check-protos clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: $(STAMP)
 FUZZ_CASES ?= 2000
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_requests.py -n $(FUZZ_CASES)
+
+# the soak of tests/test_soak.py, longer: SOAK_SECONDS of mixed traffic, faults and admin calls, then checks
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PY) tests/soak.py --seconds $(SOAK_SECONDS)
 
 bench: $(STAMP)
 	$(VENV)/bin/loraplex bench
