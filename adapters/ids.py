@@ -1,7 +1,12 @@
 """Adapter ids are names, never paths: validate them and resolve them inside configured roots only."""
 
+import errno
+import os
 import re
+import stat
 from pathlib import Path
+
+from ..server.errors import FailedPreconditionError
 
 MAX_ID_LENGTH = 200
 # One segment: letters, digits, '.', '_', '-'. Segments are joined by single '/' (namespacing: "org/name").
@@ -14,6 +19,11 @@ class InvalidAdapterId(ValueError):
 
 class AdapterNotFound(LookupError):
     pass
+
+
+class AdapterUnreadable(FailedPreconditionError):
+    """The adapter's directory is there but cannot be used (a symlink loop, no permission). A server error
+    as it stands: no root-relative path in the message, and callers pass it on as FAILED_PRECONDITION."""
 
 
 def validate_adapter_id(adapter_id: str) -> tuple[str, ...]:
@@ -58,17 +68,25 @@ def resolve_adapter_dir(adapter_id: str, roots: list[Path]) -> Path:
     """The real directory of `adapter_id` under the first root that has it.
 
     Symlinks are followed, and the result must stay inside that root's real path, so a link pointing out of
-    a root is refused rather than read.
+    a root is refused rather than read. A loop or a directory the server may not enter is AdapterUnreadable.
     """
     segments = validate_adapter_id(adapter_id)
     for root in roots:
-        real_root = Path(root).resolve()
-        candidate = real_root.joinpath(*segments)
-        if not candidate.exists() and not candidate.is_symlink():
-            continue
-        real = candidate.resolve()
+        real_root = Path(os.path.realpath(root))
+        real = Path(os.path.realpath(real_root.joinpath(*segments)))   # never raises; a loop stays unresolved
         if not real.is_relative_to(real_root):
             raise InvalidAdapterId(f"adapter id {adapter_id!r} resolves outside its adapter root")
-        if real.is_dir():
+        if _is_dir(adapter_id, real):
             return real
     raise AdapterNotFound(f"adapter {adapter_id!r} not found in any adapter root")
+
+
+def _is_dir(adapter_id: str, real: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(real).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        why = "its directory is a symlink loop" if exc.errno == errno.ELOOP else \
+            f"its directory cannot be read: {(exc.strerror or str(exc)).lower()}"
+        raise AdapterUnreadable(f"adapter {adapter_id!r} cannot be served: {why}") from None

@@ -49,8 +49,8 @@ class AdapterWatcher:
                 status = self.call(lambda a=adapter_id: self.registry.load(a)).result()
                 log.info("adapter %s changed on disk: version %d published", adapter_id, status.version)
                 self._refused.pop(adapter_id, None)
-            except LoraplexError as exc:
+            except Exception as exc:      # any one adapter's failure, whatever it is, stays its own
                 self._refused[adapter_id] = changed[adapter_id]
                 log.warning("adapter %s changed on disk but cannot be served (%s); the loaded version stays",
-                            adapter_id, exc)
+                            adapter_id, exc, exc_info=not isinstance(exc, LoraplexError))
         return settled

@@ -18,6 +18,8 @@ from loraplex.server.model.config import ModelConfig
 from .peft_files import (CONFIG_FILE, AdapterFormatError, check_layers, check_rank, check_shapes, finite_number,
                          group_factors, positive_int, read_weights, refuse_unsupported)
 
+STORED_RANK_FACTOR = 4
+
 
 def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, max_rank: int,
          dtype: torch.dtype) -> Adapter:
@@ -27,7 +29,7 @@ def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, m
     masks = config.get("rank_pattern") or {}
     if not isinstance(masks, dict):
         raise AdapterFormatError(f"{CONFIG_FILE}: rank_pattern must be an object of module -> rank mask")
-    factors, paths = group_factors(read_weights(adapter_dir), config,
+    factors, paths = group_factors(read_weights(adapter_dir, model, _stored_rank(init_r, max_rank)), config,
                                    {"A": "lora_A", "B": "lora_B", "E": "lora_E"})
     ranknum = torch.tensor(float(init_r)) + 1e-5          # float32, as PEFT's ranknum parameter
     modules = {}
@@ -60,6 +62,13 @@ def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, m
                                  "nothing")
     check_layers(modules, config.get("layers_to_transform"), model)
     return Adapter(adapter_id=adapter_id, modules=modules, alpha=alpha, source=str(adapter_dir), format="adalora")
+
+
+def _stored_rank(init_r: int, max_rank: int) -> int:
+    """The rank the files may hold: init_r ranks are stored and only the live ones must fit max_rank. PEFT's
+    default init_r is 1.5x its target_r; more than STORED_RANK_FACTOR x max_rank is never a servable budget,
+    so the size limit stops there."""
+    return max(max_rank, min(init_r, STORED_RANK_FACTOR * max_rank))
 
 
 def _kept(where: str, mask, init_r: int) -> int:

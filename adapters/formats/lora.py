@@ -32,7 +32,7 @@ def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, m
     allowed = {"A": "lora_A", "B": "lora_B"}
     if use_dora:
         allowed["magnitude"] = "lora_magnitude_vector"
-    factors, paths = group_factors(read_weights(adapter_dir), config, allowed)
+    factors, paths = group_factors(read_weights(adapter_dir, model, max_rank), config, allowed)
     if group is None and not use_dora:
         group = qalora.detect_group_size(factors, model)
     modules = {}

@@ -5,18 +5,23 @@ checks against the base model. The format modules build on these; nothing here k
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from loraplex.adapters.canonical import TARGETS
-from loraplex.adapters.tensor_file import TensorFileError, read_tensors
+from loraplex.adapters.tensor_file import FileMissing, FileRefused, read_small, read_tensors
 from loraplex.server.model.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 2**20          # PEFT writes ~1 KB; patterns over every module of a large model stay far below
+# The weights file's JSON header: ~150 bytes per tensor name and entry; this much per tensor and 1 MiB on top.
+HEADER_BYTES_PER_TENSOR = 1024
+HEADER_BYTES = 2**20
 
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight", optionally with an adapter name
 # ("lora_A.default.weight"); AdaLoRA's factors are bare parameters ("q_proj.lora_E"). Group 1 is the module
@@ -69,12 +74,27 @@ def in_out_features(model: ModelConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
+def factor_elements(model: ModelConfig, rank: int) -> int:
+    """Elements of lora_A [rank, in] and lora_B [out, rank] on every target of every layer."""
+    return rank * model.num_layers * sum(sum(in_out_features(model, t)) for t in TARGETS)
+
+
+def weights_limit(model: ModelConfig, rank: int) -> int:
+    """Bytes of the largest weights file a legal adapter can have: lora_A and lora_B at `rank` on every
+    target of every layer, AdaLoRA's lora_E [rank, 1] and DoRA's magnitude [out] beside them, all in
+    float32, and the header."""
+    extra = model.num_layers * sum(rank + in_out_features(model, t)[1] for t in TARGETS)
+    tensors = 4 * len(TARGETS) * model.num_layers
+    return 4 * (factor_elements(model, rank) + extra) + HEADER_BYTES + HEADER_BYTES_PER_TENSOR * tensors
+
+
 def read_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFormatError(f"{CONFIG_FILE} is missing in {adapter_dir}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        text = read_small(adapter_dir, CONFIG_FILE, MAX_CONFIG_BYTES, "a config may take")
+    except FileRefused as e:
+        raise AdapterFormatError(str(e)) from None
+    try:
+        config = json.loads(text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
@@ -106,18 +126,19 @@ def finite_number(config: dict, name: str, value) -> float:
     return float(value)
 
 
-def read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    path = adapter_dir / WEIGHTS_FILE
-    if not path.is_file():
-        pickled = [name for name in PICKLE_FILES if (adapter_dir / name).exists()]
+def read_weights(adapter_dir: Path, model: ModelConfig, rank: int) -> dict[str, torch.Tensor]:
+    """The weights file's tensors; refused unread when larger than any adapter of `rank` can be."""
+    why = f"the largest adapter of rank {rank} for this base model takes"
+    try:
+        return read_tensors(adapter_dir, WEIGHTS_FILE, weights_limit(model, rank), why)
+    except FileMissing:
+        pickled = [name for name in PICKLE_FILES if os.path.lexists(adapter_dir / name)]
         if pickled:
             # Unpickling runs arbitrary code, so these are never opened.
-            raise AdapterFormatError(f"{pickled[0]} refused: safetensors only ({WEIGHTS_FILE} is missing)")
-        raise AdapterFormatError(f"{WEIGHTS_FILE} is missing in {adapter_dir}")
-    try:
-        return read_tensors(path)
-    except (TensorFileError, OSError) as e:
-        raise AdapterFormatError(f"{WEIGHTS_FILE} is corrupt or truncated: {e}") from None
+            raise AdapterFormatError(f"{pickled[0]} refused: safetensors only ({WEIGHTS_FILE} is missing)") from None
+        raise AdapterFormatError(f"{WEIGHTS_FILE} is missing") from None
+    except FileRefused as e:
+        raise AdapterFormatError(str(e)) from None
 
 
 def group_factors(tensors: dict[str, torch.Tensor], config: dict, allowed: dict[str, str]) -> tuple[Factors, dict]:
