@@ -12,6 +12,11 @@ holder when the cores are busy.
 Children are forked from a fork server that has imported this module once (fast to start, and never a
 fork of a process that already runs torch threads). Each loader thread owns one child, so a request's load
 never queues behind an administrative one, and each child has its own CPU niceness.
+
+A child that dies (killed, out of memory, a file truncated under its mapping) is replaced as often as it
+dies, each time after a pause that doubles with the deaths in a row (BACKOFF_*); reads never move into the
+server process, whose memory a large adapter would then take. The read that was in flight fails with
+UNAVAILABLE; the next one goes to the new child.
 """
 
 from __future__ import annotations
@@ -19,19 +24,23 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers how shared tensors travel to child processes)
 
-from ..server.errors import InternalError
+from ..server.errors import InternalError, UnavailableError
 from ..server.model.config import ModelConfig
 from . import native
 from .canonical import Adapter, LoraModule
-from .formats import AdapterFormatError, read_adapter
+from .formats import AdapterFormatError, factor_elements, read_adapter
 
 log = logging.getLogger(__name__)
+BACKOFF_FIRST_S = 0.05      # pause before starting a child after one died; doubles with each death in a row
+BACKOFF_MAX_S = 5.0
 _CONTEXT_LOCK = threading.Lock()
 _context = None
 
@@ -46,52 +55,59 @@ def _mp_context():
 
 
 class ReaderProcess:
-    """Reads adapters for one thread of the server in a child process, started on first use."""
+    """Reads adapters for one thread of the server in a child process, started on first use and started
+    again, after a pause that doubles with each death in a row, whenever it dies."""
 
     def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, nice: int = 0):
         self._args = (model, max_rank, str(dtype).removeprefix("torch."), nice)
-        self._capacity = _largest_adapter_bytes(model, max_rank, dtype)
+        self._capacity = factor_elements(model, max_rank) * dtype.itemsize
         self._shared: torch.Tensor | None = None       # [capacity] uint8 in shared memory, made on first use
         self._lock = threading.Lock()
         self._conn = None
         self._proc = None
-        self._in_process = False     # set when no child could be started: read here, as without this class
+        self._deaths = 0           # children that died or failed to start since the last read that worked
+        self._died_at = 0.0        # time.monotonic() of the last of them
 
     def read(self, directory: Path, adapter_id: str) -> Adapter:
         with self._lock:
-            for _ in range(2):                  # a child that died (killed, out of memory) is restarted once
-                if self._in_process:
-                    break
-                try:
-                    return self._ask(directory, adapter_id)
-                except (EOFError, OSError, RuntimeError) as exc:
-                    log.warning("adapter reader process failed (%s); restarting it", exc)
-                    self._close_locked()
-            if not self._in_process:
-                # e.g. a main script without the `if __name__ == "__main__":` guard that child processes need
-                log.error("no adapter reader process could be started; reading adapters in the server process")
-                self._in_process = True
-        model, max_rank, dtype_name, _ = self._args
-        return read_adapter(directory, adapter_id, model, max_rank, getattr(torch, dtype_name))
+            request = (str(directory), adapter_id)
+            try:
+                self._live_connection().send(request)
+            except OSError:                    # it died after the look: nothing was asked yet, so ask anew
+                self._bury()
+                self._ask_again(request)
+            try:
+                reply = self._conn.recv()
+            except (EOFError, OSError):
+                raise self._died_reading(adapter_id) from None
+            self._deaths = 0
+            return self._answer(reply, adapter_id)
+
+    def _ask_again(self, request: tuple) -> None:
+        try:
+            self._live_connection().send(request)
+        except OSError:
+            raise self._died_reading(request[1]) from None
+
+    def _died_reading(self, adapter_id: str) -> UnavailableError:
+        how = self._bury()
+        return UnavailableError(f"the adapter reader process died ({how}) while reading adapter {adapter_id!r}; "
+                                "a new one serves the next read").because("adapter_load")
 
     def start(self) -> None:
         """Starts the child now (the first one also starts the fork server, a few seconds), so that the
-        first read does not wait for it; a failure here is left to `read`, which falls back."""
+        first read does not wait for it; a failure here is logged, and `read` tries again."""
         with self._lock:
             try:
-                self._connection()
-            except (OSError, RuntimeError) as exc:
-                log.warning("adapter reader process could not start yet: %s", exc)
-                self._close_locked()
+                self._live_connection()
+            except InternalError as exc:
+                log.warning("%s", exc)
 
     def close(self) -> None:
         with self._lock:
             self._close_locked()
 
-    def _ask(self, directory: Path, adapter_id: str) -> Adapter:
-        conn = self._connection()
-        conn.send((str(directory), adapter_id))
-        reply = conn.recv()
+    def _answer(self, reply: tuple, adapter_id: str) -> Adapter:
         if reply[0] == "format":
             raise AdapterFormatError(reply[1])
         if reply[0] == "error":
@@ -99,23 +115,49 @@ class ReaderProcess:
         _, index, nbytes = reply
         return _unpack(index, self._shared[:nbytes].clone())   # the host cache keeps its own copy
 
-    def _connection(self):
+    def _live_connection(self):
+        """The pipe to a running child: a dead one is buried and a new one started (after the back-off)."""
+        if self._proc is not None and not self._proc.is_alive():
+            self._bury()                       # died between two reads (killed, out of memory)
         if self._conn is None:
-            ctx = _mp_context()
-            if self._shared is None:
-                self._shared = torch.empty(self._capacity, dtype=torch.uint8).share_memory_()
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self._shared, *self._args), daemon=True,
-                               name="loraplex-adapter-reader")
+            self._back_off()
             try:
-                proc.start()
-            except BaseException:
-                parent.close()
-                raise
-            finally:
-                child.close()
-            self._proc, self._conn = proc, parent
+                self._start()
+            except (OSError, RuntimeError) as exc:
+                # e.g. a main script without the `if __name__ == "__main__":` guard child processes need
+                self._deaths, self._died_at = self._deaths + 1, time.monotonic()
+                raise InternalError(f"the adapter reader process could not start: {exc}") from None
         return self._conn
+
+    def _back_off(self) -> None:
+        if self._deaths:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._deaths - 1))
+            log.warning("adapter reader process: starting a new one (%d died in a row; pause %.2f s)",
+                        self._deaths, delay)
+            time.sleep(max(0.0, self._died_at + delay - time.monotonic()))
+
+    def _start(self) -> None:
+        ctx = _mp_context()
+        if self._shared is None:
+            self._shared = torch.empty(self._capacity, dtype=torch.uint8).share_memory_()
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, self._shared, *self._args), daemon=True,
+                           name="loraplex-adapter-reader")
+        try:
+            proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._proc, self._conn = proc, parent
+
+    def _bury(self) -> str:
+        """Closes the dead child's pipe and reaps it; returns how it ended."""
+        proc = self._proc
+        self._close_locked()
+        self._deaths, self._died_at = self._deaths + 1, time.monotonic()
+        return _how_it_ended(proc)
 
     def _close_locked(self) -> None:
         if self._conn is not None:
@@ -131,6 +173,15 @@ class ReaderProcess:
                 self._proc.kill()
                 self._proc.join(2)
             self._proc = None
+
+
+def _how_it_ended(proc) -> str:
+    code = None if proc is None else proc.exitcode
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
 
 
 def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_name: str, nice: int) -> None:
@@ -156,7 +207,8 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
             conn.send(("format", str(exc)))
             continue
         except Exception as exc:  # reported to the parent, which fails the request; the child goes on
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            message = f"{type(exc).__name__}: {exc}".replace(directory, f"<{adapter_id}>")  # no server paths
+            conn.send(("error", message))
             continue
         index, flat = _pack(adapter)
         payload = flat.view(torch.uint8)
@@ -180,15 +232,6 @@ def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
              "group_sizes": {i: adapter.modules[k].group_size for i, k in enumerate(keys)
                              if adapter.modules[k].group_size is not None}}
     return index, torch.cat(parts)
-
-
-def _largest_adapter_bytes(model: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
-    """Bytes of an adapter of rank max_rank on every target of every layer: the exchange buffer's size."""
-    from .formats import in_out_features
-    from .canonical import TARGETS
-
-    per_layer = sum(max_rank * sum(in_out_features(model, t)) for t in TARGETS)
-    return per_layer * model.num_layers * dtype.itemsize
 
 
 def _unpack(index: dict, raw: torch.Tensor) -> Adapter:

@@ -1,14 +1,18 @@
 """Adapters read in a child process (adapters/reader.py) equal the in-process read exactly; format errors
-keep their message; a child that dies is replaced; with no child at all, reads happen in the server."""
+keep their message; a child that dies is replaced as often as it dies, and reads never move into the
+server process."""
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
 
 from loraplex.adapters.formats import AdapterFormatError, read_adapter
 from loraplex.adapters.reader import ReaderProcess
+from loraplex.server.errors import InternalError, UnavailableError
 from test_adapter_loading import base_config, base_dir, make_adapter  # noqa: F401  (fixtures)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,18 +54,72 @@ def test_a_dead_child_is_replaced(reader, base_dir, tmp_path):  # noqa: F811
     assert reader.read(directory, "a").rank == 4 and reader._proc.pid != first
 
 
-def test_no_child_can_start_so_reads_happen_here(base_config, base_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_child_killed_again_and_again_is_replaced_every_time(reader, base_dir, tmp_path, monkeypatch):  # noqa: F811
+    import loraplex.adapters.reader as module
+
+    def never(*args, **kwargs):
+        raise AssertionError("read in the server process")
+    monkeypatch.setattr(module, "read_adapter", never)   # the child is a fresh process: unaffected
+    make_adapter(base_dir, tmp_path / "a", r=4)
+    pids = set()
+    for _ in range(4):
+        assert reader.read(tmp_path / "a", "a").rank == 4
+        pids.add(reader._proc.pid)
+        os.kill(reader._proc.pid, signal.SIGKILL)
+        reader._proc.join(5)
+    assert len(pids) == 4 and os.getpid() not in pids
+
+
+def test_a_read_in_flight_when_the_child_dies_fails_clearly(reader, base_dir, tmp_path, monkeypatch):  # noqa: F811
+    import loraplex.adapters.reader as module
+
+    def never(*args, **kwargs):
+        raise AssertionError("read in the server process")
+    monkeypatch.setattr(module, "read_adapter", never)
+    make_adapter(base_dir, tmp_path / "a", r=4)
+    children = []
+    for _ in range(2):                               # twice in a row: still a child for the next read
+        reader.start()
+        children.append(reader._proc.pid)
+        os.kill(children[-1], signal.SIGSTOP)        # it takes the request but cannot answer
+        errors = []
+        thread = threading.Thread(target=lambda: _read_into(errors, reader, tmp_path / "a"))
+        thread.start()
+        time.sleep(0.5)
+        os.kill(children[-1], signal.SIGKILL)
+        thread.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], UnavailableError), errors
+        assert "died (killed by SIGKILL) while reading adapter 'a'" in str(errors[0])
+    assert reader.read(tmp_path / "a", "a").rank == 4 and reader._proc.pid not in children   # the next one works
+
+
+def _read_into(errors, reader, directory):
+    try:
+        reader.read(directory, "a")
+    except Exception as exc:
+        errors.append(exc)
+
+
+def test_no_child_can_start_so_the_read_fails_and_nothing_reads_here(base_config, base_dir, tmp_path,  # noqa: F811
+                                                                      monkeypatch):
     # e.g. a main script without the `if __name__ == "__main__":` guard: every child start raises
     import multiprocessing.context
 
     def refuse(self):
         raise RuntimeError("An attempt has been made to start a new process before bootstrapping finished")
     monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", refuse)
+    pauses = []
+    monkeypatch.setattr(time, "sleep", lambda s: pauses.append(round(s, 2)))
     reader = ReaderProcess(base_config, max_rank=16, dtype=torch.float32)
     try:
         reader.start()                                     # logs, does not raise
         make_adapter(base_dir, tmp_path / "a", r=4)
-        assert reader.read(tmp_path / "a", "a").rank == 4
-        assert reader._proc is None and reader._in_process
+        for _ in range(3):
+            with pytest.raises(InternalError, match="the adapter reader process could not start"):
+                reader.read(tmp_path / "a", "a")
+        assert reader._proc is None
+        assert pauses[0] <= 0.05 and pauses[1:] == [0.1, 0.2]   # each failed start doubles the next pause
+        monkeypatch.undo()                                 # starts work again: the next read gets a child
+        assert reader.read(tmp_path / "a", "a").rank == 4 and reader._proc is not None
     finally:
         reader.close()
