@@ -211,3 +211,37 @@ def _at_once(fn) -> Future:
     except Exception as exc:
         future.set_exception(exc)
     return future
+
+
+def test_bad_adapters_through_the_server(tiny_model_dir, adapter_dir, tmp_path, stub_for):  # noqa: F811
+    """Over gRPC, with the server's reader processes: each broken adapter is FAILED_PRECONDITION naming it,
+    and a good adapter beside them is served."""
+    from loraplex.v1 import generation_pb2 as pb
+    from servers import ServerThread
+
+    root = tmp_path / "root"
+    for adapter_id in ("good", "loop-file", "fifo", "huge", "outside"):
+        shutil.copytree(adapter_dir, root / adapter_id)
+    os.symlink("loop-dir", root / "loop-dir")
+    break_loop_file(root, "loop-file")
+    os.unlink(root / "fifo" / WEIGHTS)
+    os.mkfifo(root / "fifo" / WEIGHTS)
+    break_huge(root, "huge")
+    shutil.move(root / "outside" / CONFIG, tmp_path / CONFIG)         # a valid config, but out of the root
+    os.symlink(tmp_path / CONFIG, root / "outside" / CONFIG)
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=2, max_lora_rank=64)
+    try:
+        stub = stub_for(server.target)
+        ask = lambda adapter_id: stub.Generate(pb.GenerateRequest(  # noqa: E731
+            text="Hello", adapter_id=adapter_id, params=pb.Parameters(stopping=pb.StoppingCriteria(
+                max_new_tokens=2))), timeout=60)
+        for adapter_id in ("loop-dir", "loop-file", "fifo", "huge", "outside"):
+            with pytest.raises(grpc.RpcError) as info:
+                ask(adapter_id)
+            details = info.value.details()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (adapter_id, details)
+            assert f"'{adapter_id}'" in details and str(tmp_path) not in details, details
+        assert ask("good").generated_token_count == 2
+    finally:
+        server.close()
