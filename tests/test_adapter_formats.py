@@ -226,13 +226,13 @@ def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, 
             results[i] = stub.Generate(pb.GenerateRequest(text="The weather today is", adapter_id=ids[i],
                                                           params=pb.Parameters(
                 stopping=pb.StoppingCriteria(max_new_tokens=NEW, min_new_tokens=NEW),
-                response=pb.ResponseOptions(token_logprobs=True))), timeout=120)
+                response=pb.ResponseOptions(token_logprobs=True))), timeout=300)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ids))]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(120)
+            t.join(300)
         formats = {s.adapter_id: s.format for s in server.engine.registry.catalog() if s.format}
     finally:
         server.close()
