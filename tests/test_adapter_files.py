@@ -235,7 +235,7 @@ def test_bad_adapters_through_the_server(tiny_model_dir, adapter_dir, tmp_path, 
         stub = stub_for(server.target)
         ask = lambda adapter_id: stub.Generate(pb.GenerateRequest(  # noqa: E731
             text="Hello", adapter_id=adapter_id, params=pb.Parameters(stopping=pb.StoppingCriteria(
-                max_new_tokens=2))), timeout=60)
+                max_new_tokens=2))), timeout=300)
         for adapter_id in ("loop-dir", "loop-file", "fifo", "huge", "outside"):
             with pytest.raises(grpc.RpcError) as info:
                 ask(adapter_id)
