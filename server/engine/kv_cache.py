@@ -1,6 +1,6 @@
 """Paged KV cache: fixed-size blocks of token rows, handed out to sequences as they grow.
 
-Paging (rather than one max-length slot per sequence) lets short requests take only the memory they
+Paging (rather than one max-length region per sequence) lets short requests take only the memory they
 use, so the same budget holds more concurrent sequences; blocks are allocated a token at a time, and
 when none are left the newest running sequence is preempted (its rows kept in host memory, see
 Scheduler._preempt).

@@ -59,9 +59,6 @@ class ModelRunner:
     def _attention(self):
         return [layer.self_attn for layer in self.model.model.layers]
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        return self._rows(seq.block_table, start, end)
-
     def _rows(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -70,14 +67,14 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _prepare_prefill(self, seqs: list[Sequence]):
-        ids, positions, slots, bounds = [], [], [], [0]
+        ids, positions, rows, bounds = [], [], [], [0]
         for seq in seqs:
             tokens = seq.all_ids()
             ids += tokens
             positions += range(len(tokens))
-            slots += self._slots(seq, 0, len(tokens))
+            rows += self._rows(seq.block_table, 0, len(tokens))
             bounds.append(bounds[-1] + len(tokens))
-        ctx = StepContext(is_prefill=True, positions=self._tensor(positions), slot_mapping=self._tensor(slots),
+        ctx = StepContext(is_prefill=True, positions=self._tensor(positions), write_rows=self._tensor(rows),
                           cu_seqlens=bounds, logits_index=self._tensor([b - 1 for b in bounds[1:]]))
         return self._tensor(ids), ctx
 
@@ -90,7 +87,7 @@ class ModelRunner:
         # KV cache rows of every position of every sequence: [batch, width * block_size]
         rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)
         ctx = StepContext(is_prefill=False, positions=self._tensor([n - 1 for n in lengths]),
-                          slot_mapping=rows[torch.arange(len(seqs)), torch.tensor(lengths) - 1].to(self.device),
+                          write_rows=rows[torch.arange(len(seqs)), torch.tensor(lengths) - 1].to(self.device),
                           gather_rows=rows[:, :lengths[-1]].flatten().to(self.device),
                           decode_groups=_runs(lengths), logits_index=torch.arange(len(seqs), device=self.device))
         last = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]

@@ -13,7 +13,7 @@ import torch
 class StepContext:
     is_prefill: bool
     positions: torch.Tensor            # [num_tokens] int64, position of each token in its sequence
-    slot_mapping: torch.Tensor         # [num_tokens] int64, KV cache row each token's K/V is written to
+    write_rows: torch.Tensor           # [num_tokens] int64, KV cache row each token's K/V is written to
     # prefill: boundaries of each sequence's tokens in the flat layout, as Python ints
     cu_seqlens: list[int] | None = None
     # decode: the KV cache rows of every position of every sequence, flattened from [batch, max_context]

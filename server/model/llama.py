@@ -84,8 +84,8 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        self.k_cache[ctx.slot_mapping] = k
-        self.v_cache[ctx.slot_mapping] = v
+        self.k_cache[ctx.write_rows] = k
+        self.v_cache[ctx.write_rows] = v
         out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
