@@ -6,7 +6,7 @@ slot. Per layer the adapters live in preallocated stacked buffers, one row per d
 A slot's live rank `ranks[s]` may be below `max_rank`; rows/columns beyond it are unused and may hold stale
 finite values, so no implementation reads them into a result.
 
-Four implementations, picked per call by `choose` (callers never pick):
+Four implementations, picked per call by `_pick` (callers never pick):
 - "triton": the kernels of `triton_ops.py`, for CUDA tensors when triton is installed (one launch per op,
             one program per token and output block).
             `lora_apply` does a whole packed module (q|k|v: shrink and expand of each target) in one
@@ -66,18 +66,13 @@ GATHER_MAX_ELEMS = 1_500_000
 NATIVE_DTYPES = (torch.float32,)
 
 
-def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype,
-           has_native: bool = False, has_triton: bool = False) -> str:
-    """"triton" on CUDA when installed; "native" (when built, on the CPU) for float32; else "gather" for many
-    tiny segments whose gathered weights stay small; else "loop".
+def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.dtype) -> str:
+    """The rule where neither Triton nor the native loop applies: "gather" for many tiny segments whose
+    gathered weights stay small; else "loop".
 
     weight_elems: elements of one slot's matrix as the op reads it (present max rank * features); the
     gather path copies num_tokens of them.
     """
-    if has_triton:
-        return "triton"
-    if has_native and dtype in NATIVE_DTYPES:
-        return "native"
     if num_segments < GATHER_MIN_SEGMENTS.get(dtype, GATHER_MIN_SEGMENTS[torch.float32]):
         return "loop"
     if num_tokens > GATHER_MAX_TOKENS_PER_SEGMENT * num_segments:
@@ -156,13 +151,13 @@ def lora_apply(x: torch.Tensor, targets: list, segments: Segments, out: torch.Te
 
 
 def _pick(segments: Segments, ranks: Ranks, x: torch.Tensor, features: int) -> str:
+    """"triton" on CUDA when installed; "native" (when built, on the CPU) for float32; else `choose`."""
     if x.is_cuda and _triton().available():
         return "triton"
-    has_native = x.device.type == "cpu" and native.available()
-    if has_native and x.dtype in NATIVE_DTYPES:
-        return "native"  # as `choose` would, without the host pass over the ranks that `elems` needs
+    if x.device.type == "cpu" and native.available() and x.dtype in NATIVE_DTYPES:
+        return "native"  # before `choose`, which needs a host pass over the ranks for `elems`
     elems = _present_rank(segments, _as_list(ranks)) * features
-    return choose(segments.num_adapter_tokens, len(segments), elems, x.dtype, has_native)
+    return choose(segments.num_adapter_tokens, len(segments), elems, x.dtype)
 
 
 def shrink_native(x, a_stack, segments: Segments, ranks: Ranks, out):

@@ -190,13 +190,13 @@ CHOOSE_CASES = [
     (512, 64, 576 * 16, torch.bfloat16, "loop"),  # 8 tokens per segment
     (128, 128, 2048 * 64, torch.float32, "loop"),  # gathered weights too large
 ]
-# (num_adapter_tokens, num_segments, dtype, expected) with them: native for every float32 step.
+# (tokens per sequence, number of sequences, dtype, expected) with them: native for every float32 step.
 NATIVE_CASES = [
     (1, 1, torch.float32, "native"),
-    (128, 128, torch.float32, "native"),
-    (2048, 4, torch.float32, "native"),
-    (32, 32, torch.bfloat16, "gather"),  # float32 only
-    (2048, 4, torch.bfloat16, "loop"),
+    (1, 128, torch.float32, "native"),
+    (512, 4, torch.float32, "native"),
+    (1, 32, torch.bfloat16, "gather"),  # float32 only
+    (512, 4, torch.bfloat16, "loop"),
 ]
 
 
@@ -205,6 +205,8 @@ def test_choose_table(tokens, segs, elems, dtype, expected):
     assert ops.choose(tokens, segs, elems, dtype) == expected
 
 
-@pytest.mark.parametrize("tokens,segs,dtype,expected", NATIVE_CASES)
-def test_choose_table_with_native_kernels(tokens, segs, dtype, expected):
-    assert ops.choose(tokens, segs, 576 * 16, dtype, has_native=True) == expected
+@pytest.mark.parametrize("tokens,seqs,dtype,expected", NATIVE_CASES)
+def test_pick_with_native_kernels(tokens, seqs, dtype, expected):
+    segments = compute_segments(list(range(seqs)), [tokens] * seqs)     # one slot per sequence, rank 16
+    x = torch.zeros(segments.num_tokens, 576, dtype=dtype)
+    assert ops._pick(segments, [16] * seqs, x, 576) == expected

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loraplex.adapters import ops
+from loraplex.adapters.segments import compute_segments
 from test_lora_ops import MAX_RANK, SLOT_RANKS, TOLERANCE, make_batch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "these tests need Triton's CPU interpreter"
@@ -55,5 +56,7 @@ def test_triton_expand_into_a_packed_column_slice():
 
 
 def test_facade_picks_triton_on_cuda_only():
-    assert ops.choose(16, 16, 576 * 16, torch.bfloat16, has_native=False, has_triton=True) == "triton"
-    assert ops.choose(16, 16, 576 * 16, torch.float32, has_native=True, has_triton=False) == "native"
+    segments = compute_segments(list(range(16)), [1] * 16)
+    assert ops._pick(segments, [16] * 16, torch.zeros(16, 576), 576) != "triton"
+    if torch.cuda.is_available():
+        assert ops._pick(segments, [16] * 16, torch.zeros(16, 576, device="cuda"), 576) == "triton"
