@@ -18,9 +18,10 @@ import os
 import sys
 from dataclasses import fields
 
-from .client import DEFAULT_TARGET, Client, Generation, ModelInfo
+from .client import DEFAULT_TARGET, Client, ModelInfo
 from .adapters_cli import add_adapters
 from .errors import LoraplexError
+from .output import print_stream, summary
 from .tls import credentials
 
 DELEGATED = ("serve", "bench", "train")   # everything after these words goes to their own parsers untouched
@@ -169,7 +170,7 @@ def _generate(args, _extra) -> int:
     kwargs = generate_kwargs(args)
     with _client(args) as client:
         if args.stream:
-            result, tokens = _print_stream(client.generate_stream(**kwargs))
+            result, tokens = print_stream(client.generate_stream(**kwargs))
         else:
             result = client.generate(**kwargs)
             tokens = list(result.tokens)
@@ -178,25 +179,6 @@ def _generate(args, _extra) -> int:
         _print_tokens(tokens)
     print(summary(result), file=sys.stderr)
     return 0
-
-
-def _print_stream(chunks) -> tuple[Generation, list]:
-    """Prints chunk texts as they arrive; returns the last chunk (stop reason, counts) and all tokens."""
-    last, tokens = None, []
-    for chunk in chunks:
-        print(chunk.text, end="", flush=True)
-        tokens.extend(chunk.tokens)
-        last = chunk
-    print()
-    if last is None:
-        raise LoraplexError("the stream ended before its final message")
-    return last, tokens
-
-
-def summary(result: Generation) -> str:
-    stop = f" stop_sequence={result.stop_sequence!r}" if result.stop_sequence else ""
-    return (f"[{result.stop_reason}{stop} input_tokens={result.input_token_count} "
-            f"generated_tokens={result.generated_token_count} seed={result.seed} request_id={result.request_id}]")
 
 
 def _print_tokens(tokens) -> None:

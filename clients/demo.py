@@ -17,9 +17,9 @@ import tempfile
 import threading
 import time
 
-from .cli import _print_stream, summary
 from .client import Client
 from .errors import DeadlineExceeded, Unavailable
+from .output import print_stream, summary
 
 DEMO_QUESTION = "What is the capital of France?"
 DEMO_PROMPT = "The three primary colors are"
@@ -120,11 +120,11 @@ def _ask(target: str) -> None:
         info = client.model_info()
         print(f"\nmodel {info.model_name}: {info.quantization}, {info.compute_dtype} on {info.device}")
         print(f"\nchat> {DEMO_QUESTION}")
-        result, _ = _print_stream(client.generate_stream(
+        result, _ = print_stream(client.generate_stream(
             messages=[{"role": "user", "content": DEMO_QUESTION}], max_new_tokens=DEMO_MAX_NEW_TOKENS))
         print(summary(result))
         print(f"\ncompletion> {DEMO_PROMPT}")
-        result, _ = _print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
+        result, _ = print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
         print(summary(result) + "\n")
 
 
