@@ -170,11 +170,11 @@ def peft_decode(model, tokenizer, prompts: list[str], adapters: list[str] | None
 
 # ---- the run -----------------------------------------------------------------------------------------------
 def run(s: Settings, root: pathlib.Path) -> dict:
-    from loraplex.server.model.store import default_model_dir
+    from loraplex.server.model.store import embedded_model_dir
 
     started = time.perf_counter()
     info = machine.describe()
-    model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
+    model_dir = str(embedded_model_dir())
     info["model"] = pathlib.Path(model_dir).name
     device, dtype = device_and_dtype(s)
     info["device"], info["dtype"] = str(device), str(dtype).removeprefix("torch.")

@@ -1,12 +1,10 @@
 """The best mixed-adapter / base-only ratio a machine allows, from its measured read bandwidth."""
 
-import pathlib
 import time
 
 import torch
 
 from loraplex.adapters.canonical import TARGETS
-from loraplex.server.config import ServerConfig
 
 from .engine_bench import isolated
 
@@ -20,9 +18,9 @@ def bandwidth_floor(base_tok_s: float, batch: int, rank: int, device: torch.devi
 
     from loraplex.adapters.formats import in_out_features
     from loraplex.server.model.config import ModelConfig
-    from loraplex.server.model.store import default_model_dir
+    from loraplex.server.model.store import embedded_model_dir
 
-    model_dir = default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir()))
+    model_dir = embedded_model_dir()
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
     per_layer = sum(rank * (i + o) for i, o in (in_out_features(cfg, t) for t in TARGETS))
     adapter_bytes = per_layer * cfg.num_layers * torch.empty((), dtype=dtype).element_size()

@@ -18,8 +18,6 @@ import sys
 import tempfile
 import time
 
-from loraplex.server.config import ServerConfig
-
 from . import machine
 from .adapter_files import make_peft_adapters
 from .adapters_bench import Settings, engine_running, ours_decode
@@ -30,9 +28,9 @@ log = logging.getLogger("loraplex.bench.kinds")
 
 
 def run(s: Settings, root: pathlib.Path, rounds: int) -> dict:
-    from loraplex.server.model.store import default_model_dir
+    from loraplex.server.model.store import embedded_model_dir
 
-    model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
+    model_dir = str(embedded_model_dir())
     lora = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank))
     dora = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank, dora=True))
     prompts = decode_prompts(s.adapters)

@@ -29,13 +29,13 @@ def main(argv=None) -> int:
     from loraplex.server.build import launch_engine
     from loraplex.server.config import ServerConfig
     from loraplex.server.engine.request import GenerationRequest, StoppingParams
-    from loraplex.server.model.store import default_model_dir
+    from loraplex.server.model.store import embedded_model_dir
 
     from .adapter_files import make_peft_adapters, make_synthetic_adapters
 
     with tempfile.TemporaryDirectory(prefix="loraplex-probe-") as tmp:
         root = pathlib.Path(tmp)
-        model_dir = str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
+        model_dir = str(embedded_model_dir())
         template = make_peft_adapters(model_dir, root, 1, 16)[0]
         names = make_synthetic_adapters(root / template, root, 2 * args.loads + 1, 0, 8)
         engine, desc = launch_engine(ServerConfig(device=args.device, dtype=args.dtype, adapter_roots=str(root),

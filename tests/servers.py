@@ -9,15 +9,7 @@ import torch
 
 from loraplex.server.config import ServerConfig
 from loraplex.server.main import shutdown, start
-from loraplex.server.model.store import default_model_dir
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(ServerConfig().resolved_cache_dir())
-
-
-def embedded_model_dir() -> pathlib.Path:
-    return default_model_dir(cache_dir())
+from loraplex.server.model.store import embedded_model_dir
 
 
 def make_tiny_model(path: pathlib.Path, arch: str = "llama", seed: int = 0, **overrides) -> pathlib.Path:

