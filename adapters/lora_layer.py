@@ -45,7 +45,6 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, layer: int, targets: list[tuple[str, int, int]], step: LoraStep):
         super().__init__()
         self.base = base
-        self.layer = layer
         self.targets = targets
         self.step = step
         # Views of this layer's rows of the slot buffers, taken once: slot writes update them in place.

@@ -20,7 +20,6 @@ class InvalidArgumentError(LoraplexError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class NotFoundError(LoraplexError):
