@@ -17,6 +17,12 @@ A child that dies (killed, out of memory, a file truncated under its mapping) is
 dies, each time after a pause that doubles with the deaths in a row (BACKOFF_*); reads never move into the
 server process, whose memory a large adapter would then take. The read that was in flight fails with
 UNAVAILABLE; the next one goes to the new child.
+
+A child that stops answering (stopped, or stuck on a hung filesystem) is treated as one that died: when a
+read has waited `read_timeout_s` for its answer, the child is killed and replaced the same way, and the read
+fails with UNAVAILABLE. The default (`default_read_timeout`) is generous: READ_TIMEOUT_BASE_S, plus the
+largest weights file a legal adapter can have for this base at the maximum rank, read at
+READ_TIMEOUT_SLOW_BYTES_PER_S (a slow network disk; a local one reads and validates it 20-50 times faster).
 """
 
 from __future__ import annotations
@@ -37,12 +43,21 @@ from ..server.model.config import ModelConfig
 from . import native
 from .canonical import Adapter, LoraModule
 from .formats import AdapterFormatError, factor_elements, read_adapter
+from .formats.peft_files import weights_limit
 
 log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.05      # pause before starting a child after one died; doubles with each death in a row
 BACKOFF_MAX_S = 5.0
+READ_TIMEOUT_BASE_S = 60.0          # a start on a busy machine, and the fixed cost of a read
+READ_TIMEOUT_SLOW_BYTES_PER_S = 5e6  # plus the largest legal weights file read at this rate
 _CONTEXT_LOCK = threading.Lock()
 _context = None
+
+
+def default_read_timeout(model: ModelConfig, max_rank: int) -> float:
+    """Seconds a read may wait for its answer by default: enough for the largest legal adapter of this base
+    (about 60 s + 16 s for SmolLM2-135M at rank 64, + 130 s for a 7B Llama, + 670 s for a 70B one)."""
+    return READ_TIMEOUT_BASE_S + weights_limit(model, max_rank) / READ_TIMEOUT_SLOW_BYTES_PER_S
 
 
 def _mp_context():
@@ -56,9 +71,14 @@ def _mp_context():
 
 class ReaderProcess:
     """Reads adapters for one thread of the server in a child process, started on first use and started
-    again, after a pause that doubles with each death in a row, whenever it dies."""
+    again, after a pause that doubles with each death in a row, whenever it dies or leaves a read
+    unanswered for read_timeout_s (None = default_read_timeout)."""
 
-    def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, nice: int = 0):
+    def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, nice: int = 0,
+                 read_timeout_s: float | None = None):
+        if read_timeout_s is not None and not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be positive, got {read_timeout_s}")
+        self.read_timeout_s = read_timeout_s or default_read_timeout(model, max_rank)
         self._args = (model, max_rank, str(dtype).removeprefix("torch."), nice)
         self._capacity = factor_elements(model, max_rank) * dtype.itemsize
         self._shared: torch.Tensor | None = None       # [capacity] uint8 in shared memory, made on first use
@@ -77,9 +97,12 @@ class ReaderProcess:
                 self._bury()
                 self._ask_again(request)
             try:
-                reply = self._conn.recv()
+                answered = self._conn.poll(self.read_timeout_s)
+                reply = self._conn.recv() if answered else None
             except (EOFError, OSError):
                 raise self._died_reading(adapter_id) from None
+            if not answered:
+                raise self._hung_reading(adapter_id)
             self._deaths = 0
             return self._answer(reply, adapter_id)
 
@@ -93,6 +116,16 @@ class ReaderProcess:
         how = self._bury()
         return UnavailableError(f"the adapter reader process died ({how}) while reading adapter {adapter_id!r}; "
                                 "a new one serves the next read").because("adapter_load")
+
+    def _hung_reading(self, adapter_id: str) -> UnavailableError:
+        """The child took the request and never answered: it is killed (its late answer must never reach a
+        later read), and the next read gets a new one."""
+        self._proc.kill()
+        self._proc.join(2)       # a child in uninterruptible sleep dies when its I/O returns; not waited on
+        self._bury()
+        return UnavailableError(f"the adapter reader process did not answer within {self.read_timeout_s:.3g} s "
+                                f"while reading adapter {adapter_id!r}, so it was killed; a new one serves the "
+                                "next read").because("adapter_load")
 
     def start(self) -> None:
         """Starts the child now (the first one also starts the fork server, a few seconds), so that the

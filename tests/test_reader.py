@@ -1,6 +1,6 @@
 """Adapters read in a child process (adapters/reader.py) equal the in-process read exactly; format errors
-keep their message; a child that dies is replaced as often as it dies, and reads never move into the
-server process."""
+keep their message; a child that dies, or stops answering, is replaced as often as that happens, and reads
+never move into the server process."""
 
 import os
 import signal
@@ -91,6 +91,45 @@ def test_a_read_in_flight_when_the_child_dies_fails_clearly(reader, base_dir, tm
         assert len(errors) == 1 and isinstance(errors[0], UnavailableError), errors
         assert "died (killed by SIGKILL) while reading adapter 'a'" in str(errors[0])
     assert reader.read(tmp_path / "a", "a").rank == 4 and reader._proc.pid not in children   # the next one works
+
+
+def test_a_child_that_stops_answering_is_killed_and_replaced(base_config, base_dir, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    # a child stopped (or stuck on a hung filesystem) takes the request and never answers: after
+    # read_timeout_s the read fails with UNAVAILABLE naming the adapter, and the child is killed, not reused
+    import loraplex.adapters.reader as module
+
+    def never(*args, **kwargs):
+        raise AssertionError("read in the server process")
+    monkeypatch.setattr(module, "read_adapter", never)
+    make_adapter(base_dir, tmp_path / "a", r=4)
+    reader = ReaderProcess(base_config, max_rank=16, dtype=torch.float32, read_timeout_s=0.5)
+    try:
+        hung = []
+        for _ in range(2):                           # twice in a row: still a child for the next read
+            reader.start()
+            hung.append(reader._proc)
+            os.kill(hung[-1].pid, signal.SIGSTOP)
+            with pytest.raises(UnavailableError) as info:
+                reader.read(tmp_path / "a", "a")
+            assert "did not answer within 0.5 s while reading adapter 'a', so it was killed" in str(info.value)
+            assert info.value.reason == "adapter_load"
+            assert hung[-1].exitcode == -signal.SIGKILL           # killed, not left stopped
+        reader.read_timeout_s = 300                  # a loaded machine may take more than 0.5 s for a real read
+        assert reader.read(tmp_path / "a", "a").rank == 4
+        assert reader._proc.pid not in [p.pid for p in hung] and reader._deaths == 0
+    finally:
+        reader.close()
+
+
+def test_the_default_read_timeout_covers_the_largest_adapter_on_a_slow_disk(base_config):  # noqa: F811
+    from loraplex.adapters.formats.peft_files import weights_limit
+
+    reader = ReaderProcess(base_config, max_rank=64, dtype=torch.float32)
+    slow_disk = 5e6                                  # bytes per second
+    assert reader.read_timeout_s >= 60 + weights_limit(base_config, 64) / slow_disk
+    with pytest.raises(ValueError, match="read_timeout_s must be positive"):
+        ReaderProcess(base_config, max_rank=64, dtype=torch.float32, read_timeout_s=0)
 
 
 def _read_into(errors, reader, directory):
