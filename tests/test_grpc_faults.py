@@ -1,6 +1,7 @@
 """Hostile input on the wire: malformed request bytes and fuzzed requests get a status a client can act on
 (never UNKNOWN or INTERNAL), CPU-heavy calls leave the event loop free, and the server keeps serving."""
 
+import collections
 import threading
 import time
 
@@ -9,6 +10,7 @@ import pytest
 
 import fuzz_requests
 from loraplex.v1 import generation_pb2 as pb
+from servers import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -108,3 +110,103 @@ def test_deadline_while_the_prompt_is_tokenized_frees_the_request(tiny_server_th
     time.sleep(3.0)                                # tokenized and added by now (about 1.5 s per MB)
     stats = engine.stats()
     assert stats.running + stats.waiting == 0 and stats.steps - before < 50, stats
+
+
+# --- a queue flood ------------------------------------------------------------------------------------
+
+class StepGate:
+    """Wraps ModelRunner.step: once closed, the engine loop parks inside the first decode step of at least
+    `size` sequences, so nothing more is admitted and every request that arrives meanwhile stays in the
+    queue (a step that takes long, made certain)."""
+
+    def __init__(self, step, size: int):
+        self.step, self.size = step, size
+        self.closed = False
+        self.parked = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, batch, eos_ids):
+        if self.closed and not batch.prefill and len(batch.seqs) >= self.size:
+            self.parked.set()
+            self.opened.wait(300)
+        return self.step(batch, eos_ids)
+
+
+def greedy(text: str, n: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=text, params=pb.Parameters(
+        stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+        response=pb.ResponseOptions(token_logprobs=True)))
+
+
+def answer(response) -> tuple:
+    return response.text, [(t.token_id, t.logprob) for t in response.tokens]
+
+
+def stream_answer(chunks) -> tuple:
+    return "".join(c.text for c in chunks), [(t.token_id, t.logprob) for c in chunks for t in c.tokens]
+
+
+def outcome(call):
+    try:
+        return grpc.StatusCode.OK, call()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+
+
+def test_queue_flood_beside_healthy_streams(tiny_model_dir, stub_for, monkeypatch):
+    # 3 healthy streams run (batch room for 4); the loop is held in their step while 24 calls arrive at
+    # once: the queue takes 4 of them, the other 20 get RESOURCE_EXHAUSTED at once; then every admitted
+    # request finishes with its solo answer, the counters say queue_full 20 times, the gauges are back to 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    from soak import scrape
+
+    queue, flood, prompts = 4, 24, ["Hello", "The cat sat", "Once upon a time"]
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=4,
+                          max_queue_size=queue)
+    gate = StepGate(server.engine.runner.step, size=len(prompts))
+    try:
+        stub = stub_for(server.target)
+        solo = {p: answer(stub.Generate(greedy(p, 120), timeout=300)) for p in prompts}
+        before = scrape(server.running.metrics_port)
+        monkeypatch.setattr(server.engine.runner, "step", gate)
+        gate.closed = True
+        healthy_streams = [stub.GenerateStream(greedy(p, 120), timeout=300) for p in prompts]
+        assert gate.parked.wait(300), "the three streams never decoded together"
+        assert server.engine.stats().running == len(prompts)
+        calls = [(lambda p=p: answer(stub.Generate(greedy(p, 8), timeout=300))) if i % 2 else
+                 (lambda p=p: stream_answer(list(stub.GenerateStream(greedy(p, 8), timeout=300))))
+                 for i, p in enumerate(prompts[i % 3] for i in range(flood))]
+        with ThreadPoolExecutor(flood) as pool:
+            futures = [pool.submit(outcome, call) for call in calls]
+            deadline = time.monotonic() + 120
+            while sum(f.done() for f in futures) < flood - queue or server.engine.stats().waiting < queue:
+                assert time.monotonic() < deadline, [f.result() for f in futures if f.done()]
+                time.sleep(0.01)
+            gate.opened.set()
+            results = [f.result() for f in futures]
+        healthy_answers = [stream_answer(list(stream)) for stream in healthy_streams]
+
+        codes = collections.Counter(code for code, _ in results)
+        assert codes == {grpc.StatusCode.OK: queue, grpc.StatusCode.RESOURCE_EXHAUSTED: flood - queue}, codes
+        for code, details in results:
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert f"the queue is full ({queue} requests waiting)" in details, details
+        assert healthy_answers == [solo[p] for p in prompts]          # undisturbed, bit for bit
+        short = {p: answer(stub.Generate(greedy(p, 8), timeout=300)) for p in prompts}
+        served = [(p, got) for p, (code, got) in zip((prompts[i % 3] for i in range(flood)), results)
+                  if code is grpc.StatusCode.OK]
+        assert all(got == short[p] for p, got in served)
+
+        stats = server.engine.stats()
+        assert (stats.running, stats.waiting, stats.kv_blocks_free) == (0, 0, stats.kv_blocks_total), stats
+        after = scrape(server.running.metrics_port)
+        full = "loraplex_request_failure_total{queue_full}"
+        assert after[full] - before[full] == flood - queue
+        assert after["loraplex_request_failure_total{internal}"] == 0
+        for gauge in ("loraplex_requests_running", "loraplex_requests_waiting", "loraplex_kv_cache_usage_ratio"):
+            assert after[gauge] == 0, (gauge, after[gauge])
+        healthy(server.target)
+    finally:
+        gate.opened.set()
+        server.close()
