@@ -110,3 +110,60 @@ async def _stream_code(stub) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
         return exc.code()
+
+
+# --- the KV cache budget ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_kv(tmp_path_factory):
+    """A server whose whole KV cache (1 MiB) holds fewer tokens than its context window: K and V of 4 layers
+    of 2 heads of 64 dims in float32 are 4 KiB per token, so 256 tokens, against a window of 512."""
+    from servers import make_tiny_model
+
+    model = make_tiny_model(tmp_path_factory.mktemp("kv-heavy"), hidden_size=128, num_attention_heads=2,
+                            num_key_value_heads=2, num_hidden_layers=4)
+    server = ServerThread(model=str(model), kv_cache_mb=1, max_batch_size=8)
+    yield server
+    server.close()
+
+
+def greedy(text: str, n: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=text, params=pb.Parameters(
+        stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+        response=pb.ResponseOptions(token_logprobs=True)))
+
+
+def answer(response) -> tuple:
+    return response.generated_token_count, response.text, [(t.token_id, t.logprob) for t in response.tokens]
+
+
+def test_a_request_over_the_whole_kv_cache_is_refused_and_others_go_on(small_kv, stub_for):
+    stub = stub_for(small_kv.target)
+    capacity = stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).kv_cache_tokens
+    assert capacity == 256 and small_kv.engine.limits.max_sequence_length == 512
+    text = "word " * 100
+    prompt = stub.Generate(greedy(text, 1), timeout=60).input_token_count
+    for n in (capacity - prompt + 1, 400):                   # one token over the cache, far over it
+        code, details = code_of(lambda: stub.Generate(greedy(text, n), timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"whole KV cache ({capacity} tokens)" in details
+    code, details = code_of(lambda: stub.Generate(greedy("word " * 300, 1), timeout=60))   # the prompt alone
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV cache" in details, details
+    exact = stub.Generate(greedy(text, capacity - prompt), timeout=300)       # fills the cache to the last row
+    assert exact.stop_reason == pb.MAX_TOKENS and exact.generated_token_count == capacity - prompt
+    stats = small_kv.engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_blocks_free) == (0, 0, stats.kv_blocks_total), stats
+
+
+def test_requests_that_fit_alone_but_not_together_all_finish_as_alone(small_kv, stub_for):
+    # 5 requests of about 80 tokens each in a 256-token cache: decoding together they run out of rows,
+    # the newest are preempted (their rows kept in host memory) and resumed; each answer equals its solo one
+    stub = stub_for(small_kv.target)
+    prompts = [f"Story number {i}: once upon a time" for i in range(5)]
+    solo = [answer(stub.Generate(greedy(p, 70), timeout=300)) for p in prompts]
+    before = small_kv.engine.stats().preemptions
+    calls = [stub.Generate.future(greedy(p, 70), timeout=600) for p in prompts]
+    together = [answer(call.result()) for call in calls]
+    stats = small_kv.engine.stats()
+    assert stats.preemptions > before, "the cache never ran short: the test proves nothing"
+    assert together == solo
+    assert (stats.running, stats.waiting, stats.kv_blocks_free) == (0, 0, stats.kv_blocks_total), stats
