@@ -1,6 +1,6 @@
 """Lifecycle of a real `loraplex serve` process: SIGTERM drains (NOT_SERVING at once, new calls UNAVAILABLE,
-a running stream completes, exit 0; the grace period bounds the wait), and an engine failure turns health
-NOT_SERVING and ends `serve` with status 1 while the request in flight gets its error."""
+running streams and one still queued complete, exit 0; the grace period bounds the wait), and an engine
+failure turns health NOT_SERVING and ends `serve` with status 1 while the request in flight gets its error."""
 
 import asyncio
 import re
@@ -22,19 +22,22 @@ from loraplex.v1 import generation_pb2_grpc as pb_grpc
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def spawn(model_dir, grace: int) -> tuple[subprocess.Popen, str]:
+def spawn(model_dir, grace: int, *flags: str) -> tuple[subprocess.Popen, str, int]:
+    """The process, its gRPC target and its metrics port."""
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.main", "--model", str(model_dir), "--port", "0",
-                             "--metrics-port", "0", "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    target, deadline = None, time.monotonic() + 120
-    for line in proc.stdout:                      # "listening on HOST:PORT", then "ready: SERVING"
+                             "--metrics-port", "0", "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target, metrics_port, deadline = None, 0, time.monotonic() + 120
+    for line in proc.stdout:           # "metrics on http://HOST:PORT/metrics", "listening on HOST:PORT", "SERVING"
         match = re.search(r"listening on ([\d.]+:\d+)", line)
         target = match.group(1) if match else target
+        match = re.search(r"metrics on http://[\d.]+:(\d+)/", line)
+        metrics_port = int(match.group(1)) if match else metrics_port
         if "SERVING" in line or time.monotonic() > deadline:
             break
     assert target and proc.poll() is None, "the server did not start"
     threading.Thread(target=proc.stdout.read, daemon=True).start()      # keep draining its output
-    return proc, target
+    return proc, target, metrics_port
 
 
 def long_request(n: int) -> pb.GenerateRequest:
@@ -43,13 +46,21 @@ def long_request(n: int) -> pb.GenerateRequest:
 
 
 def test_sigterm_drains_then_exits_zero(tiny_model_dir):
-    proc, target = spawn(tiny_model_dir, grace=60)
+    from soak import scrape
+
+    proc, target, metrics_port = spawn(tiny_model_dir, 60, "--max-batch-size", "2")
     try:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            stream = stub.GenerateStream(long_request(480), timeout=120)
-            next(stream)                                           # running when SIGTERM comes
+            streams = [stub.GenerateStream(long_request(480), timeout=120) for _ in range(2)]
+            for stream in streams:
+                next(stream)                                       # both running when SIGTERM comes
+            queued = stub.GenerateStream(long_request(16), timeout=120)   # no batch room: it waits
+            deadline = time.monotonic() + 30
+            while scrape(metrics_port)["loraplex_requests_waiting"] != 1:
+                assert time.monotonic() < deadline, "the third stream never reached the queue"
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 5
             while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != NOT_SERVING:
@@ -58,8 +69,9 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir):
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Generate(long_request(4), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            chunks = list(stream)                                   # the running stream completes
-            assert chunks[-1].stop_reason == pb.MAX_TOKENS and chunks[-1].generated_token_count == 480
+            for stream, n in ((streams[0], 480), (streams[1], 480), (queued, 16)):   # all complete
+                chunks = list(stream)
+                assert chunks[-1].stop_reason == pb.MAX_TOKENS and chunks[-1].generated_token_count == n
         assert proc.wait(30) == 0
     finally:
         proc.kill()
@@ -67,7 +79,7 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir):
 
 def test_grace_period_bounds_the_drain(tiny_model_dir):
     """Requests that would outlast the grace period are cut off when it ends; the exit is still 0."""
-    proc, target = spawn(tiny_model_dir, grace=1)
+    proc, target, _ = spawn(tiny_model_dir, grace=1)
     try:
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
