@@ -9,21 +9,15 @@ adapters.md); one launch per packed module (4 per layer) is what the fused kerne
 kernel path's (tests/test_cuda.py).
 
 `use_fused(model)` switches every LoraLinear of a model built on CUDA to this forward; server/build.py
-calls it when Triton is available, unless LORAPLEX_LORA_FUSED=0. Only the delta differs: DoRA's output
+calls it when Triton is available, unless `--no-lora-fused`. Only the delta differs: DoRA's output
 scales and everything else stay LoraLinear's.
 """
-
-import os
 
 import torch
 from torch import nn
 
 from . import ops
 from .lora_layer import LoraLinear
-
-
-def enabled() -> bool:
-    return os.environ.get("LORAPLEX_LORA_FUSED", "1") != "0"
 
 
 class FusedLoraLinear(LoraLinear):

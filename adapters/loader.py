@@ -1,180 +1,253 @@
-"""The adapter loader: background threads that do all adapter loading work, off the decode loop.
+"""The adapter loader: the one owner of the threads that load adapters and of their reader processes.
 
-Reading, validating and normalizing an adapter and copying it into a slot never happen on the decode loop,
-so running requests keep decoding while adapters load (the reading itself happens in a child process per
-thread, `reader.py`, so it does not hold this interpreter's lock either). Two kinds of work, two threads:
-- slot jobs, for requests whose adapter is not in a device slot yet: done when the adapter is in one (or
-  failed); a job that finds every slot busy stays first in line and is retried when a slot is released.
-  A request is waiting on them, so they run at normal CPU priority;
-- calls, for administration (LoadAdapter): any registry function, answered through a future. This thread
-  and its reader process run at a CPU niceness that is a setting (`--adapter-loader-nice`): on a machine
-  whose cores the engine's thread pool keeps busy, an equal-priority thread copying megabytes takes a core
-  from that pool for whole time slices, and every parallel region of a decode step waits for it. A
-  deprioritized thread that is preempted while it holds the interpreter lock stalls decoding too, which is
-  why this thread takes the lock only a few times per load (one native call for the views of a read
-  adapter, one for the slot copy).
-50 first requests for one adapter read it once (one slot-job thread, and the registry's per-adapter gate).
+Loading (reading, validating and normalizing an adapter, publishing it in the registry, copying it into a
+device slot) never happens on the decode loop, so running requests keep decoding while adapters load; the
+reading itself happens in a child process per thread (`reader.py`), so it does not hold this interpreter's
+lock either. Two threads (`workers.py`), each with its own reader process:
+- slot jobs, for requests whose adapter is not in a device slot yet. A request waits for them, so they
+  run at normal CPU priority and copy into the slot at once;
+- calls, for administration (LoadAdapter, the watcher's reloads, preloads), at a CPU niceness that is a
+  setting (`--adapter-loader-nice`): on a machine whose cores the engine's thread pool keeps busy, an
+  equal-priority thread copying megabytes takes a core from that pool for whole time slices, and every
+  parallel region of a decode step waits for it. Their slot copies go through `run_between_steps`, which
+  the engine sets to run them between two steps.
+
+The engine asks for a binding (`bind`, at once when the adapter is already in a slot) or has one brought
+(`bring`); finished jobs wait in a queue the engine takes from its own thread (`take_ready`), after
+`notify` told it there is something to take. Nothing here touches a request or the engine's state.
+50 first requests for one adapter read it once (one slot-job thread, and a gate per adapter).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from ..server.errors import InternalError, LoraplexError
-from . import native
+import torch
+
+from ..server.errors import FailedPreconditionError, InternalError, LoraplexError, ResourceExhaustedError
+from ..server.metrics import NO_METRICS
+from ..server.model.config import ModelConfig
+from .canonical import Adapter
+from .formats import AdapterFormatError, bind
+from .formats.dora import BaseWeight
 from .reader import ReaderProcess
+from .registry import AdapterRegistry, AdapterStatus, Binding, Resident
+from .roots import AdapterRoots, signature
+from .slots import SlotBuffers
+from .workers import Calls, SlotJobs, set_nice
 
 log = logging.getLogger(__name__)
 
-# on_done(token, got, error): got = (slot, key) on success; error = the LoraplexError otherwise.
-Done = Callable[[object, tuple | None, LoraplexError | None], None]
-RETRY_S = 0.05    # a job waiting for a slot is retried at least this often (releases also wake the thread)
+# One finished slot job: (token, its binding, None) or (token, None, why its adapter cannot be served).
+Ready = tuple[object, Binding | None, LoraplexError | None]
 
 
-class SlotLoader:
-    def __init__(self, registry, on_done: Done, background_nice: int = 0, background_copies=None):
-        """background_copies(fn), if given, runs the slot copies of administrative loads (the engine runs
-        them between two steps); a request's own load copies at once, since the request waits for it."""
+@dataclass(frozen=True)
+class ReadSettings:
+    """What reading an adapter checks it against and turns it into."""
+    model: ModelConfig
+    max_rank: int
+    dtype: torch.dtype = torch.float32
+    base_weight: BaseWeight | None = None    # (layer, target) -> dequantized base weight, for DoRA's norms
+    read_timeout_s: float | None = None      # None: reader.default_read_timeout
+
+
+class AdapterLoader:
+    def __init__(self, registry: AdapterRegistry, roots: AdapterRoots, buffers: SlotBuffers | None,
+                 reading: ReadSettings, background_nice: int = 0):
         self.registry = registry
-        self.on_done = on_done
-        self._jobs: deque[tuple[object, str]] = deque()          # (token, adapter_id)
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="loraplex-adapter-loader", daemon=True)
-        self._thread.start()
-        self._calls = _Calls(lambda: self._reader(background_nice, background_copies))
+        self.roots = roots
+        self.buffers = buffers
+        self.reading = reading
+        self.metrics = NO_METRICS                      # reads and copies are counted here
+        self.notify: Callable[[], None] = lambda: None         # take_ready() has something
+        self.run_between_steps: Callable = _call               # runs an administrative slot copy
+        self._ready: deque[Ready] = deque()
+        self._gates: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()                  # guards _ready and _gates
+        self._jobs = SlotJobs("loraplex-adapter-loader", lambda: self._new_reader(0), self._serve)
+        self._calls = Calls("loraplex-adapter-admin", lambda: self._new_reader(background_nice))
         self._watcher = None
 
-    def submit(self, token: object, adapter_id: str) -> None:
-        """Bring adapter_id into a slot for `token`; on_done(token, ...) tells when it is there."""
-        with self._cond:
-            self._jobs.append((token, adapter_id))
-            self._cond.notify()
+    def observe(self, metrics) -> None:
+        self.metrics = self.registry.metrics = metrics
 
-    def call(self, fn: Callable) -> Future:
-        """fn() on the background-load thread; its result or exception in the future."""
-        return self._calls.submit(fn)
+    # ---- for the engine ----------------------------------------------------------------------
 
-    def slot_released(self) -> None:
-        with self._cond:
-            self._cond.notify()
+    def bind(self, adapter_id: str) -> Binding | None:
+        """A reference on the adapter's slot when it sits in one now; None when it must be brought. Raises
+        for a malformed or unknown id, and when every slot holds a pinned adapter."""
+        got = self.registry.on_device(adapter_id)
+        if got is None:
+            self.roots.resolve(adapter_id)
+            if self.registry.all_pinned():
+                raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
+        return got
+
+    def bring(self, token: object, adapter_id: str) -> None:
+        """Reads the adapter if needed and copies it into a slot for `token`; the outcome comes through
+        take_ready()."""
+        self._jobs.submit(token, adapter_id)
+
+    def take_ready(self) -> list[Ready]:
+        with self._lock:
+            ready, self._ready = list(self._ready), deque()
+        return ready
+
+    def release(self, key: tuple[str, int]) -> None:
+        self.registry.release(key)
+        self._jobs.wake()
+
+    # ---- for administration ------------------------------------------------------------------
+
+    def load(self, adapter_id: str, pin: bool = False) -> Future:
+        """Reads the adapter now on the administrative thread; if its files changed since it was read,
+        publishes a new version. A pinned adapter stays pinned: its new version is put in a slot and
+        pinned in place of the old one. The future holds its AdapterStatus."""
+        return self._calls.submit(lambda reader: self._load(reader, adapter_id, pin))
+
+    def preload(self, adapter_id: str) -> Future:
+        """Reads the adapter and copies it into a slot with no request on it."""
+        def into_slot(reader):
+            self.release(self._take_slot(reader, adapter_id, self.run_between_steps).key)
+        return self._calls.submit(into_slot)
+
+    def unload(self, adapter_id: str) -> AdapterStatus:
+        return self.registry.unload(adapter_id)
+
+    def describe(self, adapter_id: str) -> AdapterStatus:
+        status = self.registry.status(adapter_id)
+        if status is not None:
+            return status
+        self.roots.resolve(adapter_id)      # raises NotFound / InvalidArgument for ids not on disk
+        return AdapterStatus(adapter_id, "on_disk", "disk")
+
+    def catalog(self) -> list[AdapterStatus]:
+        loaded = self.registry.statuses()
+        on_disk = [AdapterStatus(i, "on_disk", "disk") for i in self.roots.scan() if i not in loaded]
+        return sorted([*loaded.values(), *on_disk], key=lambda s: s.adapter_id)
+
+    def changed_on_disk(self) -> dict[str, tuple | None]:
+        """{adapter id: its files' signature now} for adapters in memory whose files differ from the
+        version being served (a deleted directory included)."""
+        served = self.registry.served_signatures()
+        now = {i: self.roots.signature_now(i) for i in served}
+        return {i: sig for i, sig in now.items() if sig != served[i]}
 
     def watch(self, interval: float) -> None:
         """Publishes new versions of loaded adapters whose files change (see watch.py)."""
         from .watch import AdapterWatcher
 
-        self._watcher = AdapterWatcher(self.registry, self.call, interval)
+        self._watcher = AdapterWatcher(self.changed_on_disk, self.load, interval)
 
     def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._jobs.stop()
         self._calls.stop()
-        self._thread.join(5)
 
-    def _reader(self, nice: int, copies=None) -> ReaderProcess:
-        """This thread's reads go to a child process of its own (see reader.py), both at `nice`; its slot
-        copies run through `copies` when given."""
-        _set_nice(nice)
-        reader = ReaderProcess(self.registry.model, self.registry.max_rank, self.registry.dtype, nice)
-        self.registry.use_reader(reader, copies)
-        reader.start()                    # on this thread, so the server's start does not wait for it
+    # ---- on the loader threads ---------------------------------------------------------------
+
+    def _new_reader(self, nice: int) -> ReaderProcess:
+        """The calling thread's reader process, both at `nice`; started here, so the server's start does
+        not wait for it."""
+        set_nice(nice)
+        r = self.reading
+        reader = ReaderProcess(r.model, r.max_rank, r.dtype, nice, r.read_timeout_s)
+        reader.start()
         return reader
 
-    def _run(self) -> None:
-        native.use_one_thread()          # loads never start a second torch thread pool beside the engine's
-        reader = self._reader(0)
-        while True:
-            with self._cond:
-                while not self._jobs and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    reader.close()
-                    return
-                jobs = list(self._jobs)
-            waiting = [job for job in jobs if not self._serve(*job)]
-            with self._cond:
-                for _ in range(len(jobs)):
-                    self._jobs.popleft()
-                self._jobs.extendleft(reversed(waiting))      # still first in line, ahead of new jobs
-                if len(waiting) == len(jobs) and not self._stopping:
-                    self._cond.wait(RETRY_S)                   # every slot busy: wait for a release
-
-    def _serve(self, token: object, adapter_id: str) -> bool:
-        """True when the job is done (in a slot, or failed); False when it must wait for a slot."""
+    def _serve(self, reader: ReaderProcess, token: object, adapter_id: str) -> bool:
+        """One slot job: True when it is done (in a slot, or failed), False when it waits for a slot."""
         try:
-            got = self.registry.try_acquire(adapter_id)
+            got, error = self._take_slot(reader, adapter_id, _call, wait=True), None
         except LoraplexError as exc:
-            self.on_done(token, None, exc)
-            return True
+            got, error = None, exc
         except Exception as exc:  # a bug in a reader must fail the request, not the loader
             log.exception("loading adapter %r failed", adapter_id)
-            self.on_done(token, None, InternalError(f"loading adapter {adapter_id!r} failed: {exc}"))
-            return True
-        if got is None:
+            got, error = None, InternalError(f"loading adapter {adapter_id!r} failed: {exc}")
+        if got is None and error is None:
             return False
-        self.on_done(token, got, None)
+        with self._lock:
+            self._ready.append((token, got, error))
+        self.notify()
         return True
 
+    def _load(self, reader: ReaderProcess, adapter_id: str, pin: bool) -> AdapterStatus:
+        pin = pin or self.registry.pinned(adapter_id)
+        resident = self._resident(reader, adapter_id, refresh=True)
+        if pin:
+            key = self._take_slot(reader, adapter_id, self.run_between_steps).key
+            self.registry.pin(key)
+            self.release(key)
+        return self.registry.status(adapter_id, resident)
 
-class _Calls:
-    """One thread running submitted functions in order."""
+    def _take_slot(self, reader: ReaderProcess, adapter_id: str, copies: Callable,
+                   wait: bool = False) -> Binding | None:
+        """A reference on a slot holding the adapter's current version, copied in through copies(fn) when
+        the slot is new. When every slot is busy: None if `wait`, else ResourceExhausted."""
+        resident = self._resident(reader, adapter_id)
+        reserved = self.registry.reserve(adapter_id, resident)
+        if reserved is None:
+            if wait:
+                return None
+            raise ResourceExhaustedError(f"all {self.registry.slots.num_slots} adapter slots are in use by "
+                                         f"running requests or pinned")
+        binding = reserved.binding
+        if reserved.must_write:
+            try:
+                copies(lambda: self._copy(binding.slot, resident.adapter))
+            except BaseException:
+                self.registry.written(binding.key, ok=False)
+                raise
+            self.registry.written(binding.key, ok=True)
+        elif not self.registry.wait_written(binding.key):      # the other thread's copy of it failed
+            self.release(binding.key)
+            raise InternalError(f"adapter {adapter_id!r} could not be copied to a slot")
+        return binding
 
-    def __init__(self, setup: Callable):
-        self.setup = setup                # run first on the thread; returns something with close()
-        self._queue: deque[tuple[Callable, Future] | None] = deque()
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="loraplex-adapter-admin", daemon=True)
-        self._thread.start()
+    def _resident(self, reader: ReaderProcess, adapter_id: str, refresh: bool = False) -> Resident:
+        """The adapter in host memory; read (and published) first when it is not there, or when `refresh`
+        and its files changed."""
+        current = self.registry.resident(adapter_id)
+        if current is not None and not refresh:
+            return current
+        with self._gate(adapter_id):             # one read per adapter; the other thread waits for it
+            directory = self.roots.resolve(adapter_id)
+            files = signature(directory)
+            current = self.registry.resident(adapter_id)
+            if current is not None and current.signature == files:
+                return current
+            return self.registry.publish(adapter_id, self._read(reader, adapter_id, directory), files)
 
-    def submit(self, fn: Callable) -> Future:
-        future: Future = Future()
-        with self._cond:
-            self._queue.append((fn, future))
-            self._cond.notify()
-        return future
+    def _gate(self, adapter_id: str) -> threading.Lock:
+        with self._lock:
+            return self._gates.setdefault(adapter_id, threading.Lock())
 
-    def stop(self) -> None:
-        with self._cond:
-            self._queue.append(None)
-            self._cond.notify()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        native.use_one_thread()
-        resource = self.setup()           # (the setup may lower this thread's priority too)
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                item = self._queue.popleft()
-            if item is None:
-                resource.close()
-                return
-            _run_call(*item)
-
-
-def _run_call(fn: Callable, future: Future) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(fn())
-    except BaseException as exc:  # handed to the caller, who maps it
-        future.set_exception(exc)
-
-
-
-def _set_nice(nice: int) -> None:
-    """This thread's CPU niceness (Linux: each thread is scheduled on its own); a no-op where unsupported."""
-    if nice:
+    def _read(self, reader: ReaderProcess, adapter_id: str, directory: Path) -> Adapter:
+        started, result = time.monotonic(), "error"
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:
-            pass
+            adapter = bind(reader.read(directory, adapter_id), self.reading.base_weight)  # DoRA: its scales
+            result = "ok"
+            return adapter
+        except AdapterFormatError as exc:
+            result = "invalid"
+            raise FailedPreconditionError(f"adapter {adapter_id!r} cannot be served: {exc}") from None
+        finally:
+            self.metrics.adapter_read(result, time.monotonic() - started)
+
+    def _copy(self, slot: int, adapter: Adapter) -> None:
+        started = time.monotonic()
+        self.buffers.write(slot, adapter)
+        self.metrics.adapter_copied(time.monotonic() - started)
+
+
+def _call(fn):
+    return fn()

@@ -1,15 +1,15 @@
 """The CPU kernels of `csrc/lora_cpu.cpp`, compiled once per machine and torch version, then loaded.
 
 `make install` builds them (`python -m loraplex.adapters.native`); at run time `available()` only loads the
-cached library (or builds it once if it is missing). `LORAPLEX_NATIVE=0` turns them off; without a compiler
-the torch ops serve instead.
+cached library (or builds it once if it is missing). `--no-native-kernels` (`LORAPLEX_NATIVE_KERNELS=0`)
+turns them off; without a compiler the torch ops serve instead. The server sets both settings here once
+(`configure`), from its ServerConfig; tools that take no flags get the ones the environment gives.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import sys
 import time
@@ -26,8 +26,23 @@ CFLAGS = ["-O3", "-fopenmp"]
 _state: dict[str, object] = {}
 
 
+def configure(enabled: bool, cache_dir: str) -> None:
+    """Whether the kernels may be used, and the cache directory their build lives under. Before the first
+    `available()`; later calls change nothing already loaded."""
+    _state["settings"] = (enabled, cache_dir)
+
+
+def _settings() -> tuple[bool, str]:
+    if "settings" not in _state:
+        from ..server.config import environment_config
+
+        config = environment_config()
+        configure(config.native_kernels, config.resolved_cache_dir())
+    return _state["settings"]  # type: ignore[return-value]
+
+
 def enabled() -> bool:
-    return os.environ.get("LORAPLEX_NATIVE", "1") != "0"
+    return _settings()[0]
 
 
 def available() -> bool:
@@ -40,8 +55,7 @@ def available() -> bool:
 def build_dir() -> Path:
     parts = [SOURCE.read_bytes(), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    root = Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
-    return root / "native" / key
+    return Path(_settings()[1]) / "native" / key
 
 
 def _load() -> bool:
@@ -78,7 +92,7 @@ def error() -> str | None:
 def main() -> int:
     started = time.perf_counter()
     if not enabled():
-        print("native LoRA kernels disabled (LORAPLEX_NATIVE=0)")
+        print("native LoRA kernels disabled (LORAPLEX_NATIVE_KERNELS=0)")
         return 0
     if not available():
         print(f"native LoRA kernels could not be built: {error()}", file=sys.stderr)

@@ -80,7 +80,7 @@ def itl_while_loading(engine, prompts, adapters, s: Settings, queue, interval: f
 def load_to_ready(engine, adapter_id: str) -> float:
     """Seconds from asking the loader until the adapter sits in a device slot (as LoadAdapter + preload)."""
     started = time.perf_counter()
-    engine.loader.call(lambda: engine.registry.preload(adapter_id)).result()
+    engine.adapters.preload(adapter_id).result()
     return time.perf_counter() - started
 
 

@@ -83,12 +83,12 @@ TUNABLE = ("device", "dtype", "adapters", "rank", "prompt_tokens", "new_tokens",
 
 # ---- our engine --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings):
+def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings, lora_fused: bool = True):
     from loraplex.server.build import launch_engine
 
     config = ServerConfig(max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
                           adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank,
-                          adapter_loader_nice=s.loader_nice, device=s.device, dtype=s.dtype)
+                          adapter_loader_nice=s.loader_nice, device=s.device, dtype=s.dtype, lora_fused=lora_fused)
     engine, _ = launch_engine(config)
     try:
         yield engine
@@ -202,15 +202,11 @@ def run(s: Settings, root: pathlib.Path) -> dict:
             record("ours_base", lambda: ours_decode(engine, prompts, [""] * b, s.prompt_tokens, s.new_tokens), rep)
     if device.type == "cuda":    # the LoRA path the CUDA engine does not take by default, for comparison
         runs["ours_distinct_two_kernels"] = []
-        os.environ["LORAPLEX_LORA_FUSED"] = "0"
-        try:
-            with engine_running(root, s.adapters, s.rank, s) as engine:
-                ours_decode(engine, prompts, names, s.prompt_tokens, 4)
-                for rep in range(s.repeats):
-                    record("ours_distinct_two_kernels",
-                           lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
-        finally:
-            os.environ.pop("LORAPLEX_LORA_FUSED")
+        with engine_running(root, s.adapters, s.rank, s, lora_fused=False) as engine:
+            ours_decode(engine, prompts, names, s.prompt_tokens, 4)
+            for rep in range(s.repeats):
+                record("ours_distinct_two_kernels",
+                       lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
     model, tokenizer = isolated(lambda: peft_load(model_dir, root, names, s))
     record("peft_mixed", lambda: peft_decode(model, tokenizer, prompts, names, s.prompt_tokens, 4), -1)
     for rep in range(s.repeats):

@@ -39,10 +39,9 @@ def run(s: Settings, root: pathlib.Path, rounds: int) -> dict:
     runs: dict[str, list[float]] = {k: [] for k in batches}
     loads = {}
     with engine_running(root, 2 * s.adapters + 2, s.rank, s) as engine:
-        registry = engine.registry
         for kind, name in (("lora", lora[0]), ("dora", dora[0])):   # one cold load of each kind, timed
             started = time.perf_counter()
-            isolated(lambda: registry.release(registry.acquire(name)[1]))
+            engine.adapters.preload(name).result()
             loads[f"{kind}_load_ms"] = round((time.perf_counter() - started) * 1000, 1)
         for names in batches.values():                                 # warm-up: every adapter into its slot
             isolated(lambda: ours_decode(engine, prompts, names, s.prompt_tokens, 4))

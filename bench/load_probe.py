@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         names = make_synthetic_adapters(root / template, root, 2 * args.loads + 1, 0, 8)
         engine, desc = launch_engine(ServerConfig(device=args.device, dtype=args.dtype, adapter_roots=str(root),
                                                   adapter_slots=32, max_lora_rank=16, max_batch_size=32))
-        registry = engine.registry
+        adapters = engine.adapters
         stages: dict[str, list[float]] = {}
 
         def timed(name, fn, sync=False):
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
                     stages.setdefault(name, []).append(time.perf_counter() - start)
             return wrapper
 
-        registry._read = timed("read", registry._read)
-        registry.buffers.write = timed("copy", registry.buffers.write, sync=True)
+        adapters._read = timed("read", adapters._read)
+        adapters.buffers.write = timed("copy", adapters.buffers.write, sync=True)
         results = {"device": desc.device, "dtype": desc.dtype}
 
         def phase(label, batch):
@@ -63,12 +63,12 @@ def main(argv=None) -> int:
             totals = []
 
             def loads():
-                reader = ReaderProcess(registry.model, registry.max_rank, registry.dtype, 0)
-                registry.use_reader(reader)
+                r = adapters.reading
+                reader = ReaderProcess(r.model, r.max_rank, r.dtype, 0)
                 reader.start()
-                for name in batch:
+                for name in batch:          # as a request's load: this thread's reader, the copy at once
                     start = time.perf_counter()
-                    registry.release(registry.acquire(name)[1])
+                    adapters.release(adapters._take_slot(reader, name, lambda copy: copy()).key)
                     totals.append(time.perf_counter() - start)
                 reader.close()
             thread = threading.Thread(target=loads)

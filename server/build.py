@@ -52,8 +52,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     from transformers import AutoTokenizer
 
+    from ..adapters import native
+
     if config.threads:
         torch.set_num_threads(config.threads)
+    native.configure(config.native_kernels, config.resolved_cache_dir())
     model_dir = resolve_model_dir(config.model, config.resolved_cache_dir())
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
@@ -62,17 +65,17 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config
     window = min(config.max_sequence_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    registry, lora_step = _adapters(config, model, device, dtype)
+    adapters, lora_step = _adapters(config, model, device, dtype)
     runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size, lora_step)
     blocks = BlockManager(runner.num_blocks, config.kv_block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    engine = Engine(runner, scheduler, tokenizer, EngineLimits(window, config.max_new_tokens, config.max_prompt_tokens), tuple(sorted(eos)),
-                    registry, config.adapter_loader_nice)
-    if engine.loader is not None and config.adapter_watch_seconds > 0:
-        engine.loader.watch(config.adapter_watch_seconds)
+    limits = EngineLimits(window, config.max_new_tokens, config.max_prompt_tokens)
+    engine = Engine(runner, scheduler, tokenizer, limits, tuple(sorted(eos)), adapters)
+    if adapters is not None and config.adapter_watch_seconds > 0:
+        adapters.watch(config.adapter_watch_seconds)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
                                    "nf4", window, cfg.vocab_size)
@@ -80,7 +83,8 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
 
 
 def _adapters(config: ServerConfig, model, device, dtype):
-    """The adapter registry and the LoRA layers' shared step state, or (None, None) with no roots."""
+    """The adapter loader (with its registry) and the LoRA layers' shared step state, or (None, None)
+    with no roots. Preloads run before the engine exists, so their slot copies happen at once."""
     roots = config.adapter_root_paths()
     if not roots:
         return None, None
@@ -88,7 +92,9 @@ def _adapters(config: ServerConfig, model, device, dtype):
     from ..adapters.lora_layer import LoraStep, attach_lora, base_weights
     from .model.loader import dense_weight
     from ..adapters.formats import in_out_features
+    from ..adapters.loader import AdapterLoader, ReadSettings
     from ..adapters.registry import AdapterRegistry
+    from ..adapters.roots import AdapterRoots
     from ..adapters.slots import SlotBuffers
 
     shapes = {t: in_out_features(model.config, t) for t in TARGETS}
@@ -98,18 +104,21 @@ def _adapters(config: ServerConfig, model, device, dtype):
     if device.type == "cuda":
         from ..adapters import fused_layer, triton_ops
 
-        if triton_ops.available() and fused_layer.enabled():
+        if triton_ops.available() and config.lora_fused:
             fused_layer.use_fused(model)      # one launch per packed module and step: see fused_layer.py
-    registry = AdapterRegistry([pathlib.Path(r) for r in roots], model.config, buffers, config.adapter_slots,
-                               config.max_lora_rank, config.adapter_host_cache_mb * 2**20, dtype,
-                               base_weight=base_weights(model, dense_weight))
+    registry = AdapterRegistry(config.adapter_slots, config.adapter_host_cache_mb * 2**20)
+    reading = ReadSettings(model.config, config.max_lora_rank, dtype, base_weights(model, dense_weight),
+                           config.adapter_read_timeout_seconds or None)
+    adapters = AdapterLoader(registry, AdapterRoots([pathlib.Path(r) for r in roots]), buffers, reading,
+                             config.adapter_loader_nice)
     for adapter_id in config.adapter_preload_ids():
         try:
-            registry.preload(adapter_id)
+            adapters.preload(adapter_id).result()
         except LoraplexError as exc:
+            adapters.stop()
             raise ValueError(f"preloading adapter {adapter_id!r} failed: {exc}") from None
         log.info("preloaded adapter %s", adapter_id)
-    return registry, step
+    return adapters, step
 
 
 def launch_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:

@@ -53,6 +53,12 @@ class ServerConfig:
                                              "version when they change (as `adapters load` does); 0 = off")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "
                                     "','; a failing one stops the start")
+    adapter_read_timeout_seconds: float = _opt(0.0, "a reader process that has not answered within this is "
+                                                    "killed and replaced, and that load fails UNAVAILABLE; 0 = "
+                                                    "60 s plus the largest legal adapter at 5 MB/s")
+    native_kernels: bool = _opt(True, "the LoRA ops' C++ CPU kernels (built by make install); off = torch ops")
+    lora_fused: bool = _opt(True, "on CUDA, one Triton launch per packed module for every target's LoRA; "
+                                  "off = a shrink and an expand per target")
     tls_cert: str = _opt("", "PEM server certificate (chain); with --tls-key, serve over TLS")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
     tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
@@ -66,7 +72,8 @@ class ServerConfig:
     metrics_top_adapters: int = _opt(20, "adapters with their own series in loraplex_adapter_requests_total; "
                                          "the rest count as adapter=\"other\"")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
-    grpc_workers: int = _opt(16, "threads serving RPCs")
+    grpc_workers: int = _opt(16, "threads running the RPCs' blocking work (tokenizing, request intake, adapter "
+                                 "administration) off the event loop")
     threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
     warmup: bool = _opt(True, "run one short generation before reporting SERVING")
     shutdown_grace_seconds: int = _opt(30, "on SIGTERM, how long running requests may take to finish")
@@ -94,8 +101,9 @@ class ServerConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         if not 0 <= self.adapter_loader_nice <= 19:
             raise ValueError(f"adapter_loader_nice must be within 0..19, got {self.adapter_loader_nice}")
-        if self.adapter_watch_seconds < 0:
-            raise ValueError(f"adapter_watch_seconds must be >= 0, got {self.adapter_watch_seconds}")
+        for name in ("adapter_watch_seconds", "adapter_read_timeout_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.adapter_preload_ids() and not self.adapter_root_paths():
             raise ValueError("adapter_preload needs adapter_roots")
         if len(self.adapter_preload_ids()) > self.adapter_slots:
@@ -113,6 +121,11 @@ class ServerConfig:
             return self.cache_dir
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(base, "loraplex")
+
+
+def environment_config() -> ServerConfig:
+    """The configuration the LORAPLEX_* variables give, for tools that take no flags."""
+    return config_from_args(argparse.Namespace())
 
 
 def _parse_bool(text: str) -> bool:

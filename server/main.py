@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .config import ServerConfig, add_config_flags, config_from_args
@@ -70,6 +71,10 @@ async def start(config: ServerConfig) -> Running:
     from .build import launch_engine
     from .rpc.server import build_server
 
+    # the threads every handler's blocking work runs on (engine intake with its tokenizing, Tokenize, adapter
+    # administration), so that none of it holds up the event loop
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="loraplex-rpc"))
     metrics, metrics_server = None, None
     if config.metrics:                # first, so that a port already taken fails the start at once
         metrics = Metrics(config.metrics_top_adapters)

@@ -231,10 +231,9 @@ class _EngineCollector:
         yield _gauge("kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1)", stats.kv_usage)
         yield CounterMetricFamily(PREFIX + "preemptions", "Sequences preempted (KV cache full) and later "
                                   "recomputed", value=stats.preemptions)
-        registry = self.engine.registry
-        if registry is None:
+        if self.engine.adapters is None:
             return
-        tiers = registry.tiers()
+        tiers = self.engine.adapters.registry.tiers()
         resident = GaugeMetricFamily(PREFIX + "adapters_resident", "Adapters held per tier: host (in host "
                                      "memory) and device (in a device slot; these are in host memory too)",
                                      labels=["tier"])

@@ -10,14 +10,15 @@ import struct
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import Future
 
 import grpc
 import pytest
 
 from loraplex.adapters.formats import AdapterFormatError, read_adapter
 from loraplex.adapters.formats.peft_files import MAX_CONFIG_BYTES, weights_limit
+from loraplex.adapters.loader import AdapterLoader, ReadSettings
 from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.roots import AdapterRoots
 from loraplex.adapters.tensor_file import open_tensors
 from loraplex.adapters.watch import AdapterWatcher
 from loraplex.server.errors import FailedPreconditionError
@@ -150,8 +151,13 @@ def test_unreadable_file_is_refused(adapter_dir, base_config, name):  # noqa: F8
 
 # --- statuses through the registry, and the watcher -----------------------------------------------------
 
-def registry_for(root, base_config):  # noqa: F811
-    return AdapterRegistry([root], base_config, buffers=None, num_slots=2, max_rank=64, host_cache_bytes=2**30)
+@pytest.fixture()
+def loader(root, base_config):  # noqa: F811
+    """Reads through its reader processes, as the server does; no slot buffers (nothing here is pinned)."""
+    loader = AdapterLoader(AdapterRegistry(num_slots=2, host_cache_bytes=2**30), AdapterRoots([root]), None,
+                           ReadSettings(base_config, max_rank=64))
+    yield loader
+    loader.stop()
 
 
 def break_loop_dir(root, adapter_id):
@@ -171,10 +177,9 @@ def break_huge(root, adapter_id):
 @pytest.mark.parametrize("breaks, words", [(break_loop_dir, "its directory is a symlink loop"),
                                            (break_loop_file, f"{CONFIG} is a symlink loop"),
                                            (break_huge, f"{WEIGHTS} is 30000000000 bytes")])
-def test_bad_adapter_is_failed_precondition(root, base_config, tmp_path, breaks, words):  # noqa: F811
-    registry = registry_for(root, base_config)
+def test_bad_adapter_is_failed_precondition(root, loader, tmp_path, breaks, words):
     breaks(root, "a")
-    for call in (lambda: registry.check("a"), lambda: registry.load("a")):
+    for call in (lambda: loader.bind("a"), lambda: loader.load("a").result(60)):
         try:
             call()
         except FailedPreconditionError as exc:
@@ -185,32 +190,23 @@ def test_bad_adapter_is_failed_precondition(root, base_config, tmp_path, breaks,
     pytest.fail("the broken adapter was served")
 
 
-def test_watcher_survives_one_bad_adapter(root, base_config, base_dir):  # noqa: F811
+def test_watcher_survives_one_bad_adapter(root, loader, base_dir):  # noqa: F811
     make_adapter(base_dir, root / "b", r=4)
     make_adapter(base_dir, root / "new", r=8, seed=3)
-    registry = registry_for(root, base_config)
     for adapter_id in ("a", "b"):
-        registry.load(adapter_id)
-    watcher = AdapterWatcher(registry, _at_once, interval=3600)
+        loader.load(adapter_id).result(60)
+    watcher = AdapterWatcher(loader.changed_on_disk, loader.load, interval=3600)
     try:
         break_loop_dir(root, "a")
         for name in (CONFIG, WEIGHTS):
             shutil.copy(root / "new" / name, root / "b" / name)
         assert [watcher.poll(), watcher.poll()] == [[], ["a", "b"]]       # no look raises; both are tried
-        assert registry.describe("b").version == 2 and registry.describe("b").rank == 8
-        assert registry.describe("a").version == 1                        # the loaded version stays
+        assert loader.describe("b").version == 2 and loader.describe("b").rank == 8
+        assert loader.describe("a").version == 1                        # the loaded version stays
         assert watcher.poll() == []                                       # refused until it changes
     finally:
         watcher.stop()
 
-
-def _at_once(fn) -> Future:
-    future = Future()
-    try:
-        future.set_result(fn())
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
 
 
 def test_bad_adapters_through_the_server(tiny_model_dir, adapter_dir, tmp_path, stub_for):  # noqa: F811

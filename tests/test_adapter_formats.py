@@ -233,7 +233,7 @@ def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, 
             t.start()
         for t in threads:
             t.join(300)
-        formats = {s.adapter_id: s.format for s in server.engine.registry.catalog() if s.format}
+        formats = {s.adapter_id: s.format for s in server.engine.adapters.catalog() if s.format}
     finally:
         server.close()
     assert formats == {"lora": "lora", "qlora": "lora", "rslora": "rslora", "patterns": "lora", "dora": "dora",

@@ -71,7 +71,7 @@ def test_preload_puts_adapters_in_slots_before_serving(tiny_model_dir, root):
 def test_loader_threads_keep_torch_work_on_one_thread(server):
     """Loads run beside the engine's thread pool: their torch work must not start a pool of its own, and
     that setting must not leak into other threads (a later engine, say)."""
-    assert server.engine.loader.call(torch.get_num_threads).result(timeout=30) == 1
+    assert server.engine.adapters._calls.submit(lambda _: torch.get_num_threads()).result(timeout=30) == 1
     seen = []
     later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     later.start()
@@ -108,7 +108,7 @@ def test_background_slot_copies_run_on_the_engine_thread_between_steps(tiny_mode
         stub = stub_for(server.target)
         stream = stub.GenerateStream(long_request("", n=300), timeout=120)
         next(stream)
-        engine.loader.call(lambda: engine.registry.preload("team/big")).result(60)     # as LoadAdapter --pin
+        engine.adapters.preload("team/big").result(60)     # as LoadAdapter --pin
         assert copies == [("loraplex-engine", False)]
         assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
         assert copies[1][0] == "loraplex-adapter-loader"

@@ -22,7 +22,7 @@ def test_pin_survives_a_new_version(server, admin, stub_for, root):
         assert v2.pinned and v2.tier == apb.DEVICE
         now = info(admin, "pinned")
         assert now.pinned and now.version == v2.version
-        keys = [k for k in server.engine.registry.slots.keys() if k[0] == "pinned"]
+        keys = [k for k in server.engine.adapters.registry.slots.keys() if k[0] == "pinned"]
         assert keys == [("pinned", v2.version)]                  # the old version's slot is free again
         want = stub_for(server.target).Generate(long_request("all"), timeout=120).tokens
         got = stub_for(server.target).Generate(long_request("pinned"), timeout=120).tokens

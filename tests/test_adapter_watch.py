@@ -20,9 +20,9 @@ def test_watch_publishes_changed_files_as_a_new_version(tiny_model_dir, root, st
         assert small != other
         for name in ("adapter_model.safetensors", "adapter_config.json"):   # the files of "all" become "small"'s
             shutil.copy(watched / "all" / name, watched / "small" / name)
-        assert _wait(lambda: server.engine.registry.describe("small").version == 2, timeout=20)
+        assert _wait(lambda: server.engine.adapters.describe("small").version == 2, timeout=20)
         assert [t.token_id for t in stub.Generate(request("small"), timeout=60).tokens] == other
-        assert server.engine.registry.describe("all").version == 1            # unchanged files: no new version
+        assert server.engine.adapters.describe("all").version == 1            # unchanged files: no new version
     finally:
         server.close()
 
@@ -49,7 +49,7 @@ def test_watcher_waits_for_files_to_hold_still():
         return future
 
     registry = Registry()
-    watcher = AdapterWatcher(registry, call, interval=3600)
+    watcher = AdapterWatcher(registry.changed_on_disk, lambda a: call(lambda: registry.load(a)), interval=3600)
     try:
         assert [watcher.poll() for _ in range(4)] == [[], [], ["a"], []]
         assert registry.loads == ["a"]
@@ -83,7 +83,7 @@ def test_watcher_tries_refused_files_once_until_they_change():
         return future
 
     registry = Registry()
-    watcher = AdapterWatcher(registry, call, interval=3600)
+    watcher = AdapterWatcher(registry.changed_on_disk, lambda a: call(lambda: registry.load(a)), interval=3600)
     try:
         assert [watcher.poll() for _ in range(6)] == [[], ["gone"], [], [], [], ["gone"]]
         assert registry.loads == ["gone", "gone"]      # once for the deleted files, once when new ones came

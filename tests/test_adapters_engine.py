@@ -96,13 +96,13 @@ def test_mixed_batch_equals_peft_with_each_adapter_alone(server, stub_for, tiny_
 ])
 def test_bad_adapters_are_refused_and_others_keep_working(server, stub_for, adapter_id, code, words):
     stub = stub_for(server.target)
-    registry = server.engine.registry
+    adapters = server.engine.adapters
     stub.Generate(request("small"), timeout=60)
-    before = (registry.catalog(), registry.slots.keys())
+    before = (adapters.catalog(), adapters.registry.slots.keys())
     with pytest.raises(grpc.RpcError) as info:
         stub.Generate(request(adapter_id), timeout=60)
     assert info.value.code() == code and words in info.value.details()
-    assert (registry.catalog(), registry.slots.keys()) == before          # the registry is unchanged
+    assert (adapters.catalog(), adapters.registry.slots.keys()) == before   # the registry is unchanged
     assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
 
 
@@ -119,8 +119,8 @@ def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, s
         for t in threads:
             t.join(120)
         assert len(outputs) == 50 and len({tuple(t.token_id for t in o.tokens) for o in outputs}) == 1
-        assert server.engine.registry.loads == 1
-        assert server.engine.registry.slots.refs(("all", 1)) == 0   # every request gave its slot back
+        assert server.engine.adapters.registry.loads == 1
+        assert server.engine.adapters.registry.slots.refs(("all", 1)) == 0   # every request gave its slot back
     finally:
         server.close()
 
@@ -294,6 +294,7 @@ def test_waiting_request_whose_adapter_is_deleted_fails_cleanly(tiny_model_dir, 
         next(holder)
         waiter = stub.Generate.future(request("doomed"), timeout=120)
         assert _wait(lambda: server.engine.stats().waiting == 1)
+        assert _wait(lambda: server.engine.adapters.registry.resident("doomed") is not None)   # read; no slot
         shutil.rmtree(root / "doomed")                          # files first: the waiter may re-read any time
         with grpc.insecure_channel(server.target) as channel:
             adapters_pb2_grpc.AdapterServiceStub(channel).UnloadAdapter(

@@ -241,7 +241,7 @@ def ours_mixed_batch(model_dir, root, dtype_name, fused, mixed=MIXED, slots=4):
 
     engine, desc = launch_engine(ServerConfig(model=str(model_dir), device=CUDA, dtype=dtype_name,
                                               kv_cache_mb=16, max_batch_size=16, adapter_roots=str(root),
-                                              adapter_slots=slots, max_lora_rank=64))
+                                              adapter_slots=slots, max_lora_rank=64, lora_fused=fused))
     assert desc.device.startswith(CUDA) and desc.dtype == dtype_name
     assert engine.runner.lora_step.buffers.a["q_proj"].device.type == CUDA
     from loraplex.adapters.fused_layer import FusedLoraLinear
@@ -269,7 +269,7 @@ def ours_mixed_batch(model_dir, root, dtype_name, fused, mixed=MIXED, slots=4):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernels"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_engine_on_cuda_mixed_batch_equals_peft(tiny_model_dir, root, dtype_name, fused, monkeypatch):
+def test_engine_on_cuda_mixed_batch_equals_peft(tiny_model_dir, root, dtype_name, fused):
     """A mixed batch (base + 4 adapters, two of them twice) on the engine on CUDA: each request's greedy
     tokens equal PEFT's `generate` with that adapter alone on the HF NF4 base on the same GPU, and the
     teacher-forced PEFT forward over prompt + our tokens picks each of our tokens as its argmax.
@@ -277,11 +277,10 @@ def test_engine_on_cuda_mixed_batch_equals_peft(tiny_model_dir, root, dtype_name
     float32 compute on both sides is asserted token for token. bfloat16 rounds differently in the two
     implementations (packed q|k|v matmuls, fused LoRA kernels), so there only the first token must match
     and every token must be within 0.05 (log-probability) of PEFT's best choice. Both LoRA paths on CUDA:
-    one fused launch per packed module (the default) and two kernels per target (LORAPLEX_LORA_FUSED=0)."""
+    one fused launch per packed module (the default) and two kernels per target (lora_fused=False)."""
     from transformers import AutoTokenizer
 
     dtype = getattr(torch, dtype_name)
-    monkeypatch.setenv("LORAPLEX_LORA_FUSED", "1" if fused else "0")
     ours = ours_mixed_batch(tiny_model_dir, root, dtype_name, fused)
     prompt = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids
     ids = torch.tensor([prompt], device=CUDA)
@@ -320,14 +319,13 @@ def kinds_root(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernels"])
-def test_every_adapter_kind_on_cuda_equals_peft(tiny_model_dir, kinds_root, fused, monkeypatch):
+def test_every_adapter_kind_on_cuda_equals_peft(tiny_model_dir, kinds_root, fused):
     """LoRA, QLoRA, rsLoRA, rank/alpha patterns, DoRA and AdaLoRA adapters and the base in one float32 batch
     on CUDA: each request's greedy tokens equal PEFT's `generate` with that adapter alone on the same NF4
     base on the same GPU (DoRA's output scales run on the device, after either LoRA path)."""
     import adapter_kinds
     from transformers import AutoTokenizer
 
-    monkeypatch.setenv("LORAPLEX_LORA_FUSED", "1" if fused else "0")
     mixed = [*adapter_kinds.KINDS, "", "dora"]
     ours = ours_mixed_batch(tiny_model_dir, kinds_root, "float32", fused, mixed, slots=len(adapter_kinds.KINDS))
     prompt = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT).input_ids

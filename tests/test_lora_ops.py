@@ -30,10 +30,10 @@ IMPLS = {
 
 @pytest.fixture(autouse=True)
 def native_built(request):
-    """The CPU kernels must build here (make install builds them); LORAPLEX_NATIVE=0 is the only opt-out."""
+    """The CPU kernels must build here (make install builds them); LORAPLEX_NATIVE_KERNELS=0 is the only opt-out."""
     if "native" in request.node.name:
         if not native.enabled():
-            pytest.skip("LORAPLEX_NATIVE=0")
+            pytest.skip("native kernels turned off (LORAPLEX_NATIVE_KERNELS=0)")
         assert native.available(), native.error()
 
 

@@ -65,9 +65,9 @@ def test_buffers_hold_each_adapters_delta_and_rewrites_retire_old_rows(native_co
     modules are retired by rank (the ops never read past a slot's rank; tests/test_lora_ops.py fills those
     rows with huge values to prove it)."""
     buffers = SlotBuffers(2, 8, 2, {"q_proj": (8, 8), "down_proj": (16, 8)}, torch.float32, torch.device("cpu"))
-    assert buffers._native or not native.enabled()   # make install builds the kernels; LORAPLEX_NATIVE=0 opts out
+    assert buffers._native or not native.enabled()   # make install builds the kernels; --no-native-kernels opts out
     if native_copy and not buffers._native:
-        pytest.skip("LORAPLEX_NATIVE=0")
+        pytest.skip("native kernels turned off (LORAPLEX_NATIVE_KERNELS=0)")
     buffers._native = native_copy
     big, small = adapter(8, 1), adapter(2, 2, targets=("q_proj",))
     buffers.write(0, big)

@@ -69,7 +69,7 @@ def test_trained_adapters_show_their_task_on_held_out_questions_in_one_batch(tra
             t.start()
         for t in threads:
             t.join(300)
-        formats = {s.adapter_id: s.format for s in server.engine.registry.catalog()}
+        formats = {s.adapter_id: s.format for s in server.engine.adapters.catalog()}
     finally:
         server.close()
     assert formats == {"caps": "lora", "json": "dora"}
@@ -150,7 +150,7 @@ def test_continued_training_is_published_under_load_with_no_failed_request(train
         stop.set()
         for t in threads:
             t.join(120)
-        status = {s.adapter_id: s for s in server.engine.registry.catalog()}["caps"]
+        status = {s.adapter_id: s for s in server.engine.adapters.catalog()}["caps"]
     finally:
         stop.set()
         server.close()

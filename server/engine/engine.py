@@ -8,16 +8,14 @@ import logging
 import random
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from ...adapters.loader import SlotLoader
 from ..metrics import NO_METRICS, Metrics
 from ..errors import (InternalError, InvalidArgumentError, LoraplexError, NotFoundError, ResourceExhaustedError,
                       UnavailableError)
+from .chores import Chores
 from .limits import EngineLimits
 from .prompt import encode_prompt, truncate
 from .request import GenerationRequest
@@ -42,50 +40,35 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, limits: EngineLimits,
-                 eos_ids: tuple[int, ...], registry=None, loader_nice: int = 0):
+                 eos_ids: tuple[int, ...], adapters=None):
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos_ids = eos_ids
-        self.registry = registry      # adapters; None = adapters off
-        self.loader = (SlotLoader(registry, self._adapter_ready, loader_nice, self.between_steps)
-                       if registry is not None else None)
+        self.adapters = adapters      # an AdapterLoader; None = adapters off
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._draining = False
-        self._looping = False
-        self._chores: deque[tuple] = deque()   # (fn, future): run on the loop's thread between two steps
+        self.chores = Chores(self._wake_up)    # run on the loop's thread between two steps
+        self.between_steps = self.chores.between_steps
+        self._adapters_ready = False           # the loader has answers for waiting requests
         self.failed = threading.Event()      # set when the loop itself died (not when one step failed)
         self.failure: BaseException | None = None
         self.steps = 0
         self.metrics: Metrics = NO_METRICS
+        if adapters is not None:
+            adapters.notify = self._notify               # a slot job ended: take_ready() in the loop
+            adapters.run_between_steps = self.between_steps
 
     def observe(self, metrics: Metrics) -> None:
-        """Counts this engine's work (and its adapter registry's) in `metrics` from now on."""
+        """Counts this engine's work (and its adapters') in `metrics` from now on."""
         self.metrics = metrics
-        if self.registry is not None:
-            self.registry.metrics = metrics
-
-    def between_steps(self, fn):
-        """Runs fn() on the loop's thread between two steps (one such call per step at most) and returns
-        its result; at once on the calling thread when that is the loop's, or when no loop runs.
-
-        The slot copies of administrative adapter loads go through here: on 2 cores, a copy on another
-        thread while a step runs takes a core from the step's thread pool, whose threads then wait for each
-        other; between steps it costs that one step the copy's few milliseconds. (A request's own load
-        copies at once: the request waits for it.)"""
-        with self._lock:
-            if not self._looping or threading.current_thread() is self._thread:
-                inline = True
-            else:
-                inline, future = False, Future()
-                self._chores.append((fn, future))
-                self._wake.notify()
-        return fn() if inline else future.result()
+        if self.adapters is not None:
+            self.adapters.observe(metrics)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
@@ -93,7 +76,7 @@ class Engine:
             raise UnavailableError("the server is shutting down; retry on another replica"
                                    if self._draining else "the engine has failed; the server is exiting")
         adapter_id = request.adapter_id
-        if adapter_id and self.registry is None:
+        if adapter_id and self.adapters is None:
             raise NotFoundError(f"adapter {adapter_id!r} not found (this server has no adapter roots)")
         seq = self._new_sequence(request, sink)
         if adapter_id:
@@ -110,42 +93,44 @@ class Engine:
             raise
         if seq.adapter_pending:
             # read and copied into a slot by the loader thread; the request waits without holding up others
-            self.loader.submit(seq, adapter_id)
+            self.adapters.bring(seq, adapter_id)
         return seq
 
     def _take_slot(self, seq: Sequence) -> None:
-        got = self.registry.try_acquire_on_device(seq.request.adapter_id)
-        if got is None:
-            self.registry.check(seq.request.adapter_id)   # a bad or unknown id fails the call at once
-        if got is None and self.registry.slots_all_pinned():
-            raise ResourceExhaustedError("every adapter slot holds a pinned adapter; unpin or unload one")
-        _assign_slot(seq, got)
+        """A bad or unknown adapter id fails the call at once; one not in a slot leaves seq pending."""
+        _assign_slot(seq, self.adapters.bind(seq.request.adapter_id))
         self.metrics.adapter_requested(seq.request.adapter_id)
 
-    def _adapter_ready(self, seq: Sequence, got: tuple | None, error: LoraplexError | None) -> None:
-        """The loader's answer for a waiting request: its slot, or why its adapter cannot be served."""
-        out = None
+    def _wake_up(self) -> None:
         with self._lock:
+            self._wake.notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._adapters_ready = True
+            self._wake.notify()
+
+    def _bind_ready(self) -> list[tuple[Sequence, RequestOutput]]:
+        """Under the lock: the loader's answers for waiting requests, their slot or why their adapter
+        cannot be served; returns the outputs of those that failed."""
+        failed, self._adapters_ready = [], False
+        for seq, got, error in self.adapters.take_ready() if self.adapters is not None else ():
             if seq.status is Status.FINISHED:            # aborted while it waited
                 if got is not None:
-                    self.registry.release(got[1])
-                return
-            if error is not None:
+                    self.adapters.release(got.key)
+            elif error is not None:
                 if not isinstance(error, NotFoundError):
                     error.because("adapter_load")
                 self._finish(seq, StopReason.ERROR)
-                out = self._output(seq, "", [], True, StopReason.ERROR, error=error)
+                failed.append((seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)))
             else:
                 _assign_slot(seq, got)
-                self._wake.notify()
-        if out is not None:
-            seq.sink(out)
+        return failed
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_key is not None:
-            self.registry.release(seq.adapter_key)
+            self.adapters.release(seq.adapter_key)
             seq.slot, seq.adapter_key = -1, None
-            self.loader.slot_released()
 
     def _new_sequence(self, request: GenerationRequest, sink: Sink) -> Sequence:
         ids = truncate(encode_prompt(self.tokenizer, request.prompt), request.truncate_input_tokens)
@@ -196,8 +181,7 @@ class Engine:
         step), `failed` is set and every request still in the engine gets the error."""
         if self._thread is None:
             self._thread = threading.current_thread()
-        with self._lock:
-            self._looping = True
+        self.chores.loop_started()
         try:
             self._loop()
         except BaseException as exc:
@@ -206,16 +190,7 @@ class Engine:
             self.failed.set()
             self._fail_all(InternalError(f"the engine failed: {type(exc).__name__}: {exc}"))
         finally:
-            self._end_chores()
-
-    def _end_chores(self) -> None:
-        """The loop is over: chores asked of it from now on run on their caller's thread; those still
-        queued run here, so that no caller waits forever."""
-        with self._lock:
-            self._looping = False
-            chores, self._chores = list(self._chores), deque()
-        for chore in chores:
-            _run_chore(*chore)
+            self.chores.loop_ended()
 
     def _fail_all(self, error: LoraplexError) -> None:
         with self._lock:
@@ -236,25 +211,29 @@ class Engine:
             self._wake.notify()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
-        if self.loader is not None:
-            self.loader.stop()
+        if self.adapters is not None:
+            self.adapters.stop()
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.scheduler.has_work() and not self._chores:
+                while (not self._stopping and not self.scheduler.has_work() and not self.chores.pending()
+                       and not self._adapters_ready):
                     self._wake.wait()
                 if self._stopping:
                     return
-                chore = self._chores.popleft() if self._chores else None
+                failed = self._bind_ready()
+                chore = self.chores.take()
                 batch = self.scheduler.schedule() if self.scheduler.has_work() else None
                 self.runner.move_kv(*self.scheduler.take_kv_moves())
                 if batch is None and chore is None:   # only requests waiting for their adapter: the loader wakes us
                     self._wake.wait(0.05)
                 for seq in batch.seqs if batch else ():
                     seq.in_step = True
+            for seq, out in failed:
+                seq.sink(out)
             if chore is not None:
-                _run_chore(*chore)
+                chore()
             if batch is not None:
                 self.metrics.step(batch.prefill, batch.seqs)
                 self._run(batch)
@@ -295,28 +274,13 @@ class Engine:
         info = self._token_info(seq, token, sampled, i)
         n_out, stopping = len(seq.output_ids), seq.request.stopping
         text, stop_seq = seq.tracker.update(seq.output_ids, check_stops=n_out >= stopping.min_new_tokens)
-        reason = self._stop_reason(seq, token, stop_seq)
+        reason = seq.stop_reason(token, stop_seq, self.eos_ids)
         if reason is StopReason.NOT_FINISHED:
             return seq, self._output(seq, text, info, False, reason)
         if reason is not StopReason.STOP_SEQUENCE:
             text += seq.tracker.flush()
         self._finish(seq, reason)
         return seq, self._output(seq, text, info, True, reason, stop_seq or "")
-
-    def _stop_reason(self, seq: Sequence, token: int, stop_seq: str | None) -> StopReason:
-        stopping, n_out = seq.request.stopping, len(seq.output_ids)
-        if token in self.eos_ids and n_out >= stopping.min_new_tokens:
-            return StopReason.EOS_TOKEN
-        if stop_seq is not None:
-            return StopReason.STOP_SEQUENCE
-        if n_out >= stopping.max_new_tokens:
-            return StopReason.MAX_TOKENS
-        if seq.num_tokens >= seq.max_total_tokens:
-            return StopReason.TOKEN_LIMIT
-        limit = stopping.time_limit_millis
-        if limit and (time.monotonic() - seq.arrival) * 1000 >= limit:
-            return StopReason.TIME_LIMIT
-        return StopReason.NOT_FINISHED
 
     def _token_info(self, seq: Sequence, token: int, sampled, i: int) -> list[TokenInfo]:
         options = seq.request.response
@@ -336,18 +300,11 @@ class Engine:
         seq.stop_reason = reason
 
 
-def _run_chore(fn, future: Future) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as exc:   # handed to the caller that waits on the future
-        future.set_exception(exc)
-
-
-def _assign_slot(seq: Sequence, got: tuple | None) -> None:
-    """got: (slot, key) from the registry, or None when every slot is busy (the request waits)."""
+def _assign_slot(seq: Sequence, got) -> None:
+    """got: a Binding from the loader, or None while the adapter is brought to a slot (the request waits)."""
     seq.adapter_pending = got is None
     if got is not None:
-        seq.slot, seq.adapter_key = got
+        seq.slot, seq.adapter_key = got.slot, got.key
 
 
 def _classify(exc: Exception) -> Exception:

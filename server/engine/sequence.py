@@ -89,3 +89,20 @@ class Sequence:
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def stop_reason(self, token: int, stop_seq: str | None, eos_ids: tuple[int, ...]) -> "StopReason":
+        """Why generation ends after `token` (the newest output), or NOT_FINISHED. stop_seq: the stop
+        sequence the text tracker found, if any."""
+        stopping, n_out = self.request.stopping, len(self.output_ids)
+        if token in eos_ids and n_out >= stopping.min_new_tokens:
+            return StopReason.EOS_TOKEN
+        if stop_seq is not None:
+            return StopReason.STOP_SEQUENCE
+        if n_out >= stopping.max_new_tokens:
+            return StopReason.MAX_TOKENS
+        if self.num_tokens >= self.max_total_tokens:
+            return StopReason.TOKEN_LIMIT
+        limit = stopping.time_limit_millis
+        if limit and (time.monotonic() - self.arrival) * 1000 >= limit:
+            return StopReason.TIME_LIMIT
+        return StopReason.NOT_FINISHED

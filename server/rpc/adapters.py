@@ -1,11 +1,13 @@
-"""loraplex.v1.AdapterService: adapter administration, translated to and from the registry."""
+"""loraplex.v1.AdapterService: adapter administration, translated to and from the adapter loader."""
 
 import asyncio
+from concurrent.futures import Future
 
 from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 
-from ...adapters.registry import AdapterRegistry, AdapterStatus
+from ...adapters.loader import AdapterLoader
+from ...adapters.registry import AdapterStatus
 from ..errors import InvalidArgumentError
 from .errors import abort_with
 
@@ -22,31 +24,28 @@ def to_info(status: AdapterStatus) -> pb.AdapterInfo:
 
 
 class AdapterService(pb_grpc.AdapterServiceServicer):
-    def __init__(self, registry: AdapterRegistry, loader=None):
-        self.registry = registry
-        self.loader = loader          # runs loads on the adapter loader thread, beside slot jobs
+    def __init__(self, adapters: AdapterLoader):
+        self.adapters = adapters
 
     async def ListAdapters(self, request, context):
-        statuses = await self._call(context, self.registry.catalog)
+        statuses = await self._call(context, self.adapters.catalog)
         return pb.ListAdaptersResponse(adapters=[to_info(s) for s in statuses])
 
     async def GetAdapter(self, request, context):
-        return to_info(await self._call(context, lambda: self.registry.describe(_id(request))))
+        return to_info(await self._call(context, lambda: self.adapters.describe(_id(request))))
 
     async def LoadAdapter(self, request, context):
-        load = lambda: self.registry.load(_id(request), request.pin)   # noqa: E731
-        return to_info(await self._call(context, load, on_loader=True))
+        return to_info(await self._call(context, lambda: self.adapters.load(_id(request), request.pin)))
 
     async def UnloadAdapter(self, request, context):
-        return to_info(await self._call(context, lambda: self.registry.unload(_id(request))))
+        return to_info(await self._call(context, lambda: self.adapters.unload(_id(request))))
 
-    async def _call(self, context, fn, on_loader: bool = False):
-        """Registry calls may read files: run them off the event loop (loads on the adapter loader thread,
-        the rest on an executor thread); map errors to statuses."""
+    async def _call(self, context, fn):
+        """fn looks at the disk: it runs on an executor thread, off the event loop; a load returns a future
+        of the loader's administrative thread, awaited here. Errors are mapped to statuses."""
         try:
-            if on_loader and self.loader is not None:
-                return await asyncio.wrap_future(self.loader.call(fn))
-            return await asyncio.get_running_loop().run_in_executor(None, fn)
+            result = await asyncio.get_running_loop().run_in_executor(None, fn)
+            return await asyncio.wrap_future(result) if isinstance(result, Future) else result
         except Exception as exc:   # noqa: BLE001 - abort_with maps each kind, the unexpected to INTERNAL
             await abort_with(context, exc)
 

@@ -69,10 +69,10 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
                                 config.log_prompts, metrics or NO_METRICS)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
     services = (GENERATION,)
-    if engine.registry is not None and config.adapter_service:
+    if engine.adapters is not None and config.adapter_service:
         from .adapters import AdapterService
 
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.registry, engine.loader), server)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.adapters), server)
         services += (ADAPTERS,)
     health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
