@@ -26,7 +26,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelDescription:
     name: str
     architecture: str
-    directory: str
     device: str
     dtype: str
     quantization: str
@@ -77,7 +76,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     if adapters is not None and config.adapter_watch_seconds > 0:
         adapters.watch(config.adapter_watch_seconds)
     name = pathlib.Path(model_dir).name
-    description = ModelDescription(name, cfg.model_type, str(model_dir), str(device), str(dtype).removeprefix("torch."),
+    description = ModelDescription(name, cfg.model_type, str(device), str(dtype).removeprefix("torch."),
                                    "nf4", window, cfg.vocab_size)
     return engine, description
 
