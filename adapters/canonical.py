@@ -15,9 +15,6 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-# Linear modules of a Llama-family decoder layer that an adapter may target.
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class LoraModule:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loraplex.server.model import layout
+
 from . import ops
 from .segments import Segments
 from .slots import SlotBuffers
@@ -73,22 +75,14 @@ class LoraLinear(nn.Module):
             ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
 
 
-# Our packed modules and the adapter targets in their output slices, in order.
-PACKED_TARGETS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
-                  "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
-
-
-def attach_lora(model: nn.Module, step: LoraStep, out_features) -> None:
-    """Wraps every targetable linear of every decoder layer in a LoraLinear sharing `step`.
-    out_features(target) gives each target's output size (its slice of a packed output)."""
+def attach_lora(model: nn.Module, step: LoraStep) -> None:
+    """Wraps every packed linear of every decoder layer (layout.PACKED) in a LoraLinear sharing `step`,
+    one target per output slice."""
     for index, layer in enumerate(model.model.layers):
-        for path, targets in PACKED_TARGETS.items():
+        for path in layout.PACKED:
             parent_name, _, leaf = path.rpartition(".")
             parent = layer.get_submodule(parent_name)
-            slices, offset = [], 0
-            for target in targets:
-                slices.append((target, offset, out_features(target)))
-                offset += out_features(target)
+            slices = layout.slices(model.config, path)
             setattr(parent, leaf, LoraLinear(getattr(parent, leaf), index, slices, step))
 
 

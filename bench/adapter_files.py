@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import torch
 
-from loraplex.adapters.canonical import TARGETS
+from loraplex.server.model.layout import TARGETS
 
 
 def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int, dora: bool = False) -> list[str]:

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from loraplex.adapters.canonical import TARGETS
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.request import GenerationRequest, StoppingParams
+from loraplex.server.model.layout import TARGETS
 
 from . import hf, machine
 from .engine_bench import isolated, measure

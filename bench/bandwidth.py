@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from loraplex.adapters.canonical import TARGETS
+from loraplex.server.model.layout import TARGETS
 
 from .engine_bench import isolated
 
@@ -16,8 +16,8 @@ def bandwidth_floor(base_tok_s: float, batch: int, rank: int, device: torch.devi
     `device` (main memory, or the GPU's memory)."""
     from transformers import AutoConfig
 
-    from loraplex.adapters.formats import in_out_features
     from loraplex.server.model.config import ModelConfig
+    from loraplex.server.model.layout import in_out_features
     from loraplex.server.model.store import embedded_model_dir
 
     model_dir = embedded_model_dir()

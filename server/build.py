@@ -87,10 +87,9 @@ def _adapters(config: ServerConfig, model, device, dtype):
     roots = config.adapter_root_paths()
     if not roots:
         return None, None
-    from ..adapters.canonical import TARGETS
     from ..adapters.lora_layer import LoraStep, attach_lora, base_weights
+    from .model.layout import TARGETS, in_out_features
     from .model.loader import dense_weight
-    from ..adapters.formats import in_out_features
     from ..adapters.loader import AdapterLoader, ReadSettings
     from ..adapters.registry import AdapterRegistry
     from ..adapters.roots import AdapterRoots
@@ -99,7 +98,7 @@ def _adapters(config: ServerConfig, model, device, dtype):
     shapes = {t: in_out_features(model.config, t) for t in TARGETS}
     buffers = SlotBuffers(config.adapter_slots, config.max_lora_rank, model.config.num_layers, shapes, dtype, device)
     step = LoraStep(buffers)
-    attach_lora(model, step, lambda target: shapes[target][1])
+    attach_lora(model, step)
     if device.type == "cuda":
         from ..adapters import fused_layer, triton_ops
 

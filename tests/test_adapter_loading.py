@@ -11,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraplex.adapters.canonical import TARGETS
 from loraplex.adapters.ids import AdapterNotFound, InvalidAdapterId, resolve_adapter_dir, validate_adapter_id
 from loraplex.adapters.formats import AdapterFormatError, AdapterTooLarge, read_adapter
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.layout import TARGETS
 from servers import make_tiny_model
 
 WEIGHTS = "adapter_model.safetensors"

@@ -13,12 +13,11 @@ from loraplex.server.model.config import ModelConfig
 
 from . import adalora, lora
 from .dora import bind
-from .peft_files import (CONFIG_FILE, AdapterFormatError, AdapterTooLarge, factor_elements, in_out_features,
-                         read_config)
+from .peft_files import CONFIG_FILE, AdapterFormatError, AdapterTooLarge, factor_elements, read_config
 
 READERS = {"LORA": lora.read, "ADALORA": adalora.read}
 
-__all__ = ["AdapterFormatError", "AdapterTooLarge", "bind", "factor_elements", "in_out_features", "read_adapter"]
+__all__ = ["AdapterFormatError", "AdapterTooLarge", "bind", "factor_elements", "read_adapter"]
 
 
 def read_adapter(adapter_dir: Path, adapter_id: str, model: ModelConfig, max_rank: int,

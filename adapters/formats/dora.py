@@ -11,10 +11,11 @@ from dataclasses import replace
 
 import torch
 
-from loraplex.adapters.canonical import TARGETS, Adapter
+from loraplex.adapters.canonical import Adapter
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.layout import TARGETS, in_out_features
 
-from .peft_files import AdapterFormatError, in_out_features
+from .peft_files import AdapterFormatError
 
 BaseWeight = Callable[[int, str], torch.Tensor]   # (layer, target) -> dequantized W [out, in]
 

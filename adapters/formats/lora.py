@@ -11,10 +11,11 @@ import torch
 
 from loraplex.adapters.canonical import Adapter, LoraModule
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.layout import in_out_features
 
 from . import dora, qalora
 from .peft_files import (CONFIG_FILE, AdapterFormatError, check_layers, check_rank, check_shapes, finite_number,
-                         group_factors, in_out_features, positive_int, read_weights, refuse_unsupported)
+                         group_factors, positive_int, read_weights, refuse_unsupported)
 
 
 def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, max_rank: int,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters.canonical import TARGETS
 from loraplex.adapters.tensor_file import FileMissing, FileRefused, read_small, read_tensors
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.layout import TARGETS, in_out_features
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,21 +57,6 @@ class AdapterFormatError(ValueError):
 
 class AdapterTooLarge(AdapterFormatError):
     """The adapter's rank is above the server's configured maximum."""
-
-
-def in_out_features(model: ModelConfig, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of `target`'s base weight, which is [out, in]."""
-    q_out = model.num_heads * model.head_dim
-    kv_out = model.num_kv_heads * model.head_dim
-    return {
-        "q_proj": (model.hidden_size, q_out),
-        "k_proj": (model.hidden_size, kv_out),
-        "v_proj": (model.hidden_size, kv_out),
-        "o_proj": (q_out, model.hidden_size),
-        "gate_proj": (model.hidden_size, model.intermediate_size),
-        "up_proj": (model.hidden_size, model.intermediate_size),
-        "down_proj": (model.intermediate_size, model.hidden_size),
-    }[target]
 
 
 def factor_elements(model: ModelConfig, rank: int) -> int:

@@ -11,8 +11,9 @@ that declare `use_qalora` get c = (in_features / group_size) / group_size, as PE
 import torch
 
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.layout import in_out_features
 
-from .peft_files import CONFIG_FILE, AdapterFormatError, Factors, in_out_features, positive_int
+from .peft_files import CONFIG_FILE, AdapterFormatError, Factors, positive_int
 
 MIN_DETECTED_GROUP = 8   # a narrower lora_A is a mismatch (another base), not a quantization group
 

@@ -11,14 +11,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import nf4_cpu
+from . import layout, nf4_cpu
 from .row_padding import RowPadded
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
-
-
-# Our packed modules and the checkpoint modules whose weights they stack, in order (along out_features).
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,11 @@ def load_model(model_dir: pathlib.Path, device: torch.device, dtype: torch.dtype
     weights = _read_safetensors(model_dir)
     if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.startswith("model.layers."):
-            _set_module(model, name, _linear(weights, name, module, device, dtype, quant))
+    for index, layer in enumerate(model.model.layers):
+        for path in layout.PACKED:
+            linear = _linear(weights, cfg, f"model.layers.{index}.", path, layer.get_submodule(path), device,
+                             dtype, quant)
+            _set_module(layer, path, RowPadded(linear))
     rest = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or "layernorm" in k}
     _assign_plain(model, rest, device, dtype)
     if cfg.tie_word_embeddings:
@@ -67,18 +65,21 @@ def _read_safetensors(model_dir: pathlib.Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | None) -> nn.Module:
-    return RowPadded(_base_linear(weights, name, module, device, dtype, quant))
+def _linear(weights, cfg, prefix: str, path: str, module: nn.Linear, device, dtype,
+            quant: QuantSpec | None) -> nn.Module:
+    """The linear at `path` (a key of layout.PACKED) of the decoder layer whose checkpoint names start with
+    `prefix`, from the weights of the checkpoint linears it stacks (rows in layout order).
 
-
-def _base_linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSpec | None) -> nn.Module:
-    weight, bias = _stacked(weights, name, module)
-    weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-    parts = len(PACKED.get(name.rpartition(".")[2], ())) or 1
-    if quant is not None and parts > 1 and module.in_features % quant.blocksize:
+    Stacking rows before quantizing gives the same 4-bit blocks as quantizing each part alone when
+    in_features is a multiple of the block size (blocks never straddle rows).
+    """
+    parts = [_part(weights, cfg, prefix + key, target, module.bias is not None, dtype)
+             for key, target in zip(layout.checkpoint_paths(path), layout.PACKED[path])]
+    if quant is not None and len(parts) > 1 and module.in_features % quant.blocksize:
         # 4-bit blocks would straddle rows of different parts: quantize each part on its own
-        return StackedLinear([quantize_linear(w, b, device, dtype, quant)
-                              for w, b in _split(weight, bias, weights, name, module)])
+        return StackedLinear([quantize_linear(w, b, device, dtype, quant) for w, b in parts])
+    weight = torch.cat([w for w, _ in parts])
+    bias = torch.cat([b for _, b in parts]) if module.bias is not None else None
     if quant is None:
         dense = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device=device, dtype=dtype)
         dense.weight.data.copy_(weight)
@@ -88,20 +89,12 @@ def _base_linear(weights, name, module: nn.Linear, device, dtype, quant: QuantSp
     return quantize_linear(weight, bias, device, dtype, quant)
 
 
-def _stacked(weights, name: str, module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The checkpoint's weight (and bias) for one of our linears, stacking the parts of a packed one.
-
-    Stacking rows before quantizing gives the same 4-bit blocks as quantizing each part alone when
-    in_features is a multiple of the block size (blocks never straddle rows), which the loader checks.
-    """
-    parent, _, leaf = name.rpartition(".")
-    parts = [f"{parent}.{p}" for p in PACKED.get(leaf, (leaf,))]
-    w = [_take(weights, p + ".weight", (None, module.in_features)) for p in parts]
-    b = [_take(weights, p + ".bias", (t.shape[0],)) for p, t in zip(parts, w)] if module.bias is not None else None
-    weight = torch.cat(w) if len(w) > 1 else w[0]
-    if weight.shape[0] != module.out_features:
-        raise ValueError(f"checkpoint {', '.join(parts)} stack to {weight.shape[0]} rows, expected {module.out_features}")
-    return weight, (torch.cat(b) if b and len(b) > 1 else (b[0] if b else None))
+def _part(weights, cfg, key: str, target: str, has_bias: bool, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checkpoint's weight [out, in] (and bias [out]) of one target, in the compute dtype."""
+    in_features, out_features = layout.in_out_features(cfg, target)
+    weight = _take(weights, key + ".weight", (out_features, in_features)).to(dtype)
+    bias = _take(weights, key + ".bias", (out_features,)).to(dtype) if has_bias else None
+    return weight, bias
 
 
 class StackedLinear(nn.Module):
@@ -114,13 +107,6 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
-
-
-def _split(weight, bias, weights, name, module):
-    parent, _, leaf = name.rpartition(".")
-    sizes = [weights[f"{parent}.{p}.weight"].shape[0] for p in PACKED[leaf]]
-    biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
-    return list(zip(weight.split(sizes), biases))
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, device, dtype, quant: QuantSpec) -> nn.Module:
