@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from loraplex.server.model import layout
+from loraplex.server.model.loader import dense_weight
+from loraplex.server.model.quant import QuantBackend
 
 from . import ops
 from .segments import Segments
@@ -86,10 +88,10 @@ def attach_lora(model: nn.Module, step: LoraStep) -> None:
             setattr(parent, leaf, LoraLinear(getattr(parent, leaf), index, slices, step))
 
 
-def base_weights(model: nn.Module, dense_weight):
-    """(layer, target) -> that target's rows of the dequantized base weight [out, in] float32, for DoRA.
-    dense_weight(module) dequantizes one base linear; the last packed one is kept, since a DoRA adapter's
-    modules come layer by layer (q, k, v share one)."""
+def base_weights(model: nn.Module, backend: QuantBackend):
+    """(layer, target) -> that target's rows of the dequantized base weight [out, in] float32, for DoRA,
+    read through the backend that quantized the model. The last packed module's is kept, since a DoRA
+    adapter's modules come layer by layer (q, k, v share one)."""
     last: dict = {}
 
     def weight(layer: int, target: str) -> torch.Tensor:
@@ -99,7 +101,7 @@ def base_weights(model: nn.Module, dense_weight):
                     if name == target:
                         if last.get("module") is not lora:
                             last.clear()
-                            last.update(module=lora, weight=dense_weight(lora.base))
+                            last.update(module=lora, weight=dense_weight(lora.base, backend))
                         return last["weight"][offset:offset + size]
         raise KeyError(f"layer {layer} has no {target}")
 

@@ -59,12 +59,11 @@ class Floor:
             F.linear(x[weight.shape[1]], weight)
 
     def _build_modules(self) -> None:
-        from loraplex.server.model.loader import QuantSpec, quantize_linear
+        from loraplex.server.model.nf4 import NF4Backend
 
-        spec = QuantSpec(blocksize=self.blocksize)
+        backend = NF4Backend(blocksize=self.blocksize)
         # eval(): bitsandbytes only switches to its fused CPU kernel for modules in inference mode
-        self.modules = [quantize_linear(w, None, torch.device("cpu"), torch.float32, spec).eval()
-                        for w in self.dense]
+        self.modules = [backend.quantize(w, None, torch.device("cpu"), torch.float32).eval() for w in self.dense]
 
     @torch.inference_mode()
     def step_seconds(self, batch: int, fused: bool, repeats: int) -> float:

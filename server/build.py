@@ -14,7 +14,8 @@ from .engine.limits import EngineLimits
 from .engine.kv_cache import BlockManager
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
-from .model.loader import QuantSpec, load_model
+from .model.loader import load_model
+from .model.quant import make_backend
 from .model.store import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     model_dir = resolve_model_dir(config.model, config.resolved_cache_dir())
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    log.info("loading %s on %s (%s, nf4 block %d)", model_dir, device, dtype, config.quant_blocksize)
-    model = load_model(model_dir, device, dtype, QuantSpec(blocksize=config.quant_blocksize))
+    backend = make_backend(blocksize=config.quant_blocksize)
+    log.info("loading %s on %s (%s, %s)", model_dir, device, dtype, backend.describe())
+    model = load_model(model_dir, device, dtype, backend)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config
     window = min(config.max_sequence_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    adapters, lora_step = _adapters(config, model, device, dtype)
+    adapters, lora_step = _adapters(config, model, backend, device, dtype)
     runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size, lora_step)
     blocks = BlockManager(runner.num_blocks, config.kv_block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size)
@@ -77,11 +79,11 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
         adapters.watch(config.adapter_watch_seconds)
     name = pathlib.Path(model_dir).name
     description = ModelDescription(name, cfg.model_type, str(device), str(dtype).removeprefix("torch."),
-                                   "nf4", window, cfg.vocab_size)
+                                   backend.name, window, cfg.vocab_size)
     return engine, description
 
 
-def _adapters(config: ServerConfig, model, device, dtype):
+def _adapters(config: ServerConfig, model, backend, device, dtype):
     """The adapter loader (with its registry) and the LoRA layers' shared step state, or (None, None)
     with no roots. Preloads run before the engine exists, so their slot copies happen at once."""
     roots = config.adapter_root_paths()
@@ -89,7 +91,6 @@ def _adapters(config: ServerConfig, model, device, dtype):
         return None, None
     from ..adapters.lora_layer import LoraStep, attach_lora, base_weights
     from .model.layout import TARGETS, in_out_features
-    from .model.loader import dense_weight
     from ..adapters.loader import AdapterLoader, ReadSettings
     from ..adapters.registry import AdapterRegistry
     from ..adapters.roots import AdapterRoots
@@ -105,7 +106,7 @@ def _adapters(config: ServerConfig, model, device, dtype):
         if triton_ops.available() and config.lora_fused:
             fused_layer.use_fused(model)      # one launch per packed module and step: see fused_layer.py
     registry = AdapterRegistry(config.adapter_slots, config.adapter_host_cache_mb * 2**20)
-    reading = ReadSettings(model.config, config.max_lora_rank, dtype, base_weights(model, dense_weight),
+    reading = ReadSettings(model.config, config.max_lora_rank, dtype, base_weights(model, backend),
                            config.adapter_read_timeout_seconds or None)
     adapters = AdapterLoader(registry, AdapterRoots([pathlib.Path(r) for r in roots]), buffers, reading,
                              config.adapter_loader_nice)

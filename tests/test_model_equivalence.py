@@ -107,8 +107,8 @@ def test_batched_decode_logprobs_match_hf(variant):
 
 
 def test_block_size_that_does_not_divide_the_width_is_refused_on_cpu(tiny_model_dir):
-    from loraplex.server.model.loader import QuantSpec
+    from loraplex.server.model.nf4 import NF4Backend
 
     # the tiny model's hidden size is 64; bitsandbytes' CPU kernel needs whole blocks per row
     with pytest.raises(ValueError, match="quant_blocksize 128"):
-        load_model(tiny_model_dir, torch.device("cpu"), torch.float32, QuantSpec(blocksize=128))
+        load_model(tiny_model_dir, torch.device("cpu"), torch.float32, NF4Backend(blocksize=128))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loraplex.server.model import nf4_cpu
-from loraplex.server.model.loader import QuantSpec, quantize_linear
+from loraplex.server.model.nf4 import NF4Backend
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
@@ -16,7 +16,7 @@ def test_fused_kernel_matches_linear4bit_bitwise(rows, bias):
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 128, generator=g) * 0.05
     b = torch.randn(96, generator=g) if bias else None
-    ours = quantize_linear(weight, b, torch.device("cpu"), torch.float32, QuantSpec())
+    ours = NF4Backend().quantize(weight, b, torch.device("cpu"), torch.float32)
     if not isinstance(ours, nf4_cpu.FusedNF4Linear):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' Linear4bit itself is used")
     reference = bnb.nn.Linear4bit(128, 96, bias=bias, compute_dtype=torch.float32, quant_type="nf4",

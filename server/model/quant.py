@@ -1,0 +1,56 @@
+"""The seam between the model and the format of its quantized decoder linears.
+
+A backend turns a dense weight into a module that multiplies by its quantized form, and gives back the
+dense weight such a module multiplies by (DoRA's norms need it, and so does a merge into the weights).
+The loader, the LoRA layers and the server know a backend only through this interface; the format itself
+(codes, scales, packing, kernels) is known to the backend's own module alone. The layout wrappers around a
+backend's modules (row padding, the parts of a packed module) belong to the loader, not to a backend.
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+DEFAULT = "nf4"
+
+
+class QuantBackend(ABC):
+    """One quantization format with its settings. Subclasses are frozen dataclasses of those settings."""
+
+    name: str   # the format, as ModelInfo and the model_info metric report it: "nf4"
+
+    @abstractmethod
+    def validate(self, model: ModelConfig, device: torch.device) -> None:
+        """Raises ValueError, naming the setting and the width it does not fit, when these settings cannot
+        quantize every decoder linear of `model` on `device`."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
+                 dtype: torch.dtype) -> nn.Module:
+        """A module on `device`, x [..., in] -> [..., out] in the compute dtype `dtype`, that multiplies by
+        the quantized `weight` ([out, in], in `dtype`) and adds `bias` ([out], or None)."""
+
+    @abstractmethod
+    def dense_weight(self, module: nn.Module) -> torch.Tensor:
+        """[out, in] float32: the weight that `module`, made by `quantize`, multiplies by."""
+
+    @abstractmethod
+    def stacks(self, in_features: int) -> bool:
+        """Whether weights of this width stacked along out_features quantize, row for row, as each would
+        alone, so that the parts of a packed linear can share one module (else each part gets its own)."""
+
+    def describe(self) -> str:
+        """The format and its settings, for the log: "nf4 block 64"."""
+        return self.name
+
+
+def make_backend(name: str = DEFAULT, blocksize: int = 64) -> QuantBackend:
+    """The backend `name` with its block (or group) size."""
+    if name == "nf4":
+        from .nf4 import NF4Backend
+
+        return NF4Backend(blocksize=blocksize)
+    raise ValueError(f"quantization {name!r} is not supported (supported: nf4)")
