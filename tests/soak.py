@@ -12,7 +12,9 @@ process's RSS bounded, the server's counters equal to what the clients saw, and 
 
 import argparse
 import collections
+import itertools
 import json
+import logging
 import pathlib
 import random
 import shutil
@@ -60,6 +62,7 @@ class Tally:
         self.codes = collections.Counter()
         self.answers: dict[tuple, tuple] = {}
         self.problems: list[str] = []
+        self.timed_out: set[str] = set()      # request ids of the deadline calls that ended DEADLINE_EXCEEDED
 
     def saw(self, code: Code, allowed: set) -> None:
         with self.lock:
@@ -134,9 +137,31 @@ def do_cancel(stub, rng, tally):
         tally.saw(exc.code(), {Code.CANCELLED, Code.RESOURCE_EXHAUSTED})
 
 
+_DEADLINE_IDS = itertools.count()
+
+
 def do_deadline(stub, rng, tally):
-    _call(stub.Generate, request(rng, rng.choice(["", *STABLE]), False, False, new=400), tally,
-          {Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED}, timeout=0.3)
+    req = request(rng, rng.choice(["", *STABLE]), False, False, new=400)
+    req.request_id = f"deadline-{next(_DEADLINE_IDS)}"
+    try:
+        stub.Generate(req, timeout=0.3)
+        tally.saw(Code.OK, {Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED})
+    except grpc.RpcError as exc:
+        tally.saw(exc.code(), {Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED})
+        if exc.code() == Code.DEADLINE_EXCEEDED:
+            with tally.lock:
+                tally.timed_out.add(req.request_id)
+
+
+class RequestLines(logging.Handler):
+    """The request ids of the server's per-request log lines (`loraplex.requests`): the calls it saw."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.ids: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.ids.add(json.loads(record.getMessage())["request_id"])
 
 
 def do_bad(stub, rng, tally):
@@ -221,12 +246,14 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def check_metrics(tally: Tally, values: dict[str, float]) -> None:
+def check_metrics(tally: Tally, values: dict[str, float], unseen: int) -> None:
+    """unseen: calls whose deadline passed before the server saw them (no request log line): the client
+    counts them, the server cannot."""
     seen = tally.codes
     want = {"loraplex_request_failure_total{validation}": seen["INVALID_ARGUMENT"],
             "loraplex_request_failure_total{adapter_not_found}": seen["NOT_FOUND"],
             "loraplex_request_failure_total{cancelled}": seen["CANCELLED"],
-            "loraplex_request_failure_total{deadline}": seen["DEADLINE_EXCEEDED"],
+            "loraplex_request_failure_total{deadline}": seen["DEADLINE_EXCEEDED"] - unseen,
             "loraplex_request_failure_total{internal}": 0}
     ok = sum(v for k, v in values.items() if k.startswith("loraplex_request_success_total"))
     if ok != seen["OK"]:
@@ -255,7 +282,17 @@ def soak(seconds: float, clients: int = 8, seed: int = 0) -> dict:
 
 
 def _drive(server: ServerThread, root: pathlib.Path, seconds: float, clients: int, seed: int) -> dict:
-    tally, start_rss = Tally(), rss_mb()
+    tally, start_rss, lines = Tally(), rss_mb(), RequestLines()
+    request_log = logging.getLogger("loraplex.requests")
+    request_log.addHandler(lines)
+    request_log.setLevel(logging.INFO)
+    try:
+        return _run_clients(server, root, seconds, clients, seed, tally, start_rss, lines)
+    finally:
+        request_log.removeHandler(lines)
+
+
+def _run_clients(server, root, seconds, clients, seed, tally: Tally, start_rss: float, lines: RequestLines) -> dict:
     until = time.monotonic() + seconds
     threads = [threading.Thread(target=client, args=(server.target, tally, seed + i, until)) for i in range(clients)]
     threads.append(threading.Thread(target=admin_loop, args=(server.target, root, tally, seed, until)))
@@ -267,11 +304,13 @@ def _drive(server: ServerThread, root: pathlib.Path, seconds: float, clients: in
     while not server.engine.idle() and time.monotonic() < deadline:   # cancelled work drains away
         time.sleep(0.1)
     time.sleep(0.5)
-    check_metrics(tally, scrape(server.running.metrics_port))
+    unseen = len(tally.timed_out - lines.ids)
+    check_metrics(tally, scrape(server.running.metrics_port), unseen)
     growth = rss_mb() - start_rss
     if growth > RSS_GROWTH_LIMIT_MB:
         tally.problem(f"RSS grew by {growth:.0f} MB")
-    return {"seconds": seconds, "calls": dict(tally.codes), "repeated_requests": len(tally.answers),
+    return {"seconds": seconds, "calls": dict(tally.codes), "deadline_before_the_server_saw_it": unseen,
+            "repeated_requests": len(tally.answers),
             "rss_growth_mb": round(growth), "problems": tally.problems[:20]}
 
 
