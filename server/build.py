@@ -67,7 +67,12 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     cfg = model.config
     window = min(config.max_sequence_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     adapters, lora_step = _adapters(config, model, backend, device, dtype)
-    runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size, lora_step)
+    try:
+        runner = ModelRunner(model, device, dtype, config.kv_cache_mb, config.kv_block_size, lora_step)
+    except BaseException:
+        if adapters is not None:       # its threads and reader processes would outlive a failed start
+            adapters.stop()
+        raise
     blocks = BlockManager(runner.num_blocks, config.kv_block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size)
     eos = set(cfg.eos_token_ids)
