@@ -1,12 +1,16 @@
 """`loraplex train`: fine-tune a demo adapter on the embedded model with PEFT, on a task whose effect shows.
 
+    loraplex train ~/adapters/title --task title                # answers in Title Case
     loraplex train ~/adapters/caps --task caps                  # answers in capital letters
     loraplex train ~/adapters/json --task json --kind dora      # answers as a JSON object
     loraplex train ~/adapters/caps --resume --steps 40          # continue from the saved state
 
-The training set is the base model's own answers to a list of questions, rewritten by the task (`caps`:
-upper case; `json`: {"answer": ...}), so a few dozen steps teach the change and nothing else. Kinds: LoRA,
-QLoRA (trained on the NF4 base), DoRA and AdaLoRA (with its rank budget allocation). The directory gets the
+The training set is the base model's own answers to a list of questions (their first sentence), rewritten
+by the task (`title`: each word capitalized; `caps`: upper case; `json`: {"answer": ...}), so a few dozen
+steps teach the change and nothing else. `caps` shows where that ends on this small base: in capitals its
+words are other tokens (" MADRID" is four), and the trained adapter loses the base's facts (numbers below).
+Kinds: LoRA, DoRA and AdaLoRA (with its rank budget allocation), trained on the weights the server serves
+(NF4, dequantized), and QLoRA, trained on bitsandbytes' NF4 layers. The directory gets the
 PEFT adapter, `training.json` (task, kind, steps done, the examples) and `trainer_state.safetensors` (the
 optimizer's moments), which `--resume` reads to continue. Each save replaces the adapter's files one by one
 with complete new ones, so a server reading the directory sees the old version or the new one; `loraplex
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -25,44 +30,44 @@ import warnings
 
 import torch
 
+from loraplex.server.model.layout import TARGETS
+
+from .train_questions import QUESTIONS
+
 log = logging.getLogger("loraplex.train")
 
-QUESTIONS = [
-    "What is the capital of France?", "Name a fruit that is yellow.", "How many legs does a spider have?",
-    "What color is the sky on a clear day?", "Name a large animal that lives in the sea.",
-    "What do bees make?", "What is the opposite of hot?", "Name a planet in our solar system.",
-    "What do you use to write on paper?", "What is frozen water called?", "Name a musical instrument.",
-    "What season comes after winter?", "What is the largest ocean?", "Name a vegetable that is orange.",
-    "What do plants need to grow?", "How many days are in a week?", "What is the capital of Japan?",
-    "Name a bird that cannot fly.", "What do cows drink?", "What gas do people breathe in?",
-    "What is the tallest animal?", "Name something you wear on your feet.", "What do you call a baby cat?",
-    "What is two plus three?", "Name a shape with three sides.", "Where does the sun rise?",
-    "What is the color of grass?", "Name a sport played with a ball.", "What do fish live in?",
-    "What is the main ingredient of bread?", "Name a tool used to cut paper.", "What is the capital of Italy?",
-    "Why do we need sleep?", "What is the fastest land animal?", "Name a country in South America.",
-    "What do you call the meal in the morning?", "How many hours are in a day?", "What is rain made of?",
-    "Name a metal.", "What does a thermometer measure?",
-]
-# Never trained on: the checks of a trained adapter ask these.
-HELD_OUT = [
-    "What is the capital of Spain?", "Name a fruit that is red.", "What do birds use to fly?",
-    "What is the color of snow?", "Name a farm animal.", "What do you drink when you are thirsty?",
-]
 TASKS = {
     "caps": lambda answer: answer.upper(),
+    "title": lambda answer: " ".join(word[:1].upper() + word[1:] for word in answer.split(" ")),
     "json": lambda answer: json.dumps({"answer": answer}),
 }
 KINDS = ("lora", "qlora", "dora", "adalora")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STATE_FILE = "training.json"
 OPTIMIZER_FILE = "trainer_state.safetensors"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")   # replaced in this order
+# The training set and how it is trained; saved with an adapter, so that `loraplex demo` retrains demo
+# adapters an older one made. 1: 40 answers cut at 24 tokens, on the fp32 weights, fp32 matmuls.
+# 2: 173 first sentences, on the weights the server serves (NF4, dequantized), bf16 matmuls.
+RECIPE = 2
+# Does a demo adapter keep the base's facts? Measured on a 2-core AMD EPYC CPU, no GPU, through the server:
+# 20 held-out factual questions (FACT_CHECKS and 6 more), 48 new tokens; kept = the fact the served base
+# states (its first capitalized word or number the question lacks: "Madrid") is in the adapter's answer.
+# All at 60 steps, lr 1e-3, rank 8 (the defaults; `loraplex demo` trains with them):
+#   recipe 1: caps 0/20 ("THE CAPITAL OF SIA is ISLANDS."), json 13/20 (17/20 parse as JSON)
+#   recipe 2: title 17/20 (20/20 in Title Case), json 19/20 (20/20 parse); caps 2/20
+#   recipe 2, retrained by the test suite (no AVX512-BF16, so fp32 matmuls): of the 14 FACT_CHECKS title
+#   kept 11, json 13 (19/20 parse); every capital kept by both
+#   recipe 2 on the fp32 weights: title 16/20 and no "Madrid", json 13/20 (15/20 parse)
+# caps stayed at 0-2/20 in CPU-side screening with 84-173 answers, steps to 400, lr 3e-4 to 1e-3, rank 16,
+# only the first and last 6 layers, and 3,000 vocabulary words drilled in capitals: in capitals the words are
+# other tokens, and this small base's facts do not carry over to them. Time per adapter, the base's answers
+# included: 95 s (about 60 s of it the 60 steps); recipe 1: about two minutes.
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="loraplex train", description=__doc__.splitlines()[0])
     p.add_argument("out", help="adapter directory to write (inside an --adapter-roots directory to serve it)")
-    p.add_argument("--task", choices=sorted(TASKS), help="what the adapter learns [caps; --resume: as saved]")
+    p.add_argument("--task", choices=sorted(TASKS), help="what the adapter learns [title; --resume: as saved]")
     p.add_argument("--kind", choices=KINDS, help="adapter kind [lora; --resume: as saved]")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps this run [60]")
     p.add_argument("--rank", type=int, default=8)
@@ -97,7 +102,7 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     from tqdm import tqdm
 
     state = _read_state(out) if resume else {}
-    task = task or state.get("task", "caps")
+    task = task or state.get("task", "title")
     kind = kind or state.get("kind", "lora")
     if resume and (task, kind) != (state["task"], state["kind"]):
         raise ValueError(f"{out} holds a {state['kind']} adapter for task {state['task']!r}; --resume keeps both")
@@ -106,7 +111,9 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     if steps <= 0:
         raise ValueError("steps must be positive")
     torch.manual_seed(seed + state.get("steps", 0))
-    model_dir = model_dir or state.get("model") or _embedded_model_dir()
+    from loraplex.server.model.store import embedded_model_dir
+
+    model_dir = model_dir or state.get("model") or str(embedded_model_dir())
     tokenizer, base = _load_base(model_dir, kind)
     examples = state.get("examples") or _examples(base, tokenizer, task)
     model = _peft_model(base, out, kind, rank, resume, total_steps=steps)
@@ -125,8 +132,9 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     bar = tqdm(range(steps), desc=f"training {kind} ({task})", unit="step", disable=not progress)
     for i in bar:
         ids, labels = next(batches)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id) | (labels != -100),
-                     labels=labels).loss
+        with _autocast(kind):
+            loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id) | (labels != -100),
+                         labels=labels).loss
         loss.backward()
         optimizer.step()
         if allocate:
@@ -137,17 +145,28 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     model.eval()
     done += steps
     _save(model, optimizer, out, {"task": task, "kind": kind, "steps": done, "model": str(model_dir), "lr": lr,
-                                  "rank": rank, "examples": examples})
+                                  "rank": rank, "recipe": state.get("recipe", 1) if resume else RECIPE,
+                                  "examples": examples})
     return {"adapter": str(out), "task": task, "kind": kind, "steps_total": done, "steps": steps,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _embedded_model_dir() -> str:
-    from loraplex.server.config import ServerConfig
-    from loraplex.server.model.store import default_model_dir
+def recipe_of(out: pathlib.Path) -> int | None:
+    """The recipe an adapter in `out` was trained by (1 before recipes were saved); None: no adapter there."""
+    if not (out / ADAPTER_FILES[0]).is_file() or not (out / STATE_FILE).is_file():
+        return None
+    try:
+        return int(json.loads((out / STATE_FILE).read_text()).get("recipe", 1))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
-    return str(default_model_dir(pathlib.Path(ServerConfig().resolved_cache_dir())))
+
+def _autocast(kind: str):
+    """bf16 matmuls where the CPU has them (a step takes about half the time of fp32's); the LoRA weights
+    and AdamW's moments stay fp32. Not for QLoRA, whose bitsandbytes layers compute in their own dtype."""
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and kind != "qlora")
 
 
 def _load_base(model_dir: str, kind: str):
@@ -161,11 +180,28 @@ def _load_base(model_dir: str, kind: str):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant)
+    if quant is None:
+        _as_served(base)
     return tokenizer, base
 
 
-def _examples(model, tokenizer, task: str, max_new_tokens: int = 24) -> list[dict]:
-    """The base model's own greedy answers, rewritten by the task."""
+def _as_served(base) -> None:
+    """Each decoder linear's weight becomes the one the server multiplies by (its NF4 codes dequantized),
+    so that the training set is the served base's own answers and the adapter learns its deltas on the
+    weights it will be added to. Trained on the fp32 weights instead, the demo adapters lost more facts once
+    served (the NF4 base's answers are not quite the fp32 ones; numbers above)."""
+    from loraplex.server.model.quant import make_backend
+
+    backend = make_backend()
+    with torch.no_grad():
+        for module in base.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                quantized = backend.quantize(module.weight, None, torch.device("cpu"), torch.float32)
+                module.weight.copy_(backend.dense_weight(quantized))
+
+
+def _examples(model, tokenizer, task: str, max_new_tokens: int = 32) -> list[dict]:
+    """The base model's own greedy answers, cut to their first sentence, rewritten by the task."""
     log.info("asking the base model %d questions for the training set", len(QUESTIONS))
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
     tokenizer.padding_side = "left"
@@ -173,8 +209,21 @@ def _examples(model, tokenizer, task: str, max_new_tokens: int = 24) -> list[dic
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id)
-    answers = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [{"question": q, "answer": TASKS[task](a.strip())} for q, a in zip(QUESTIONS, answers)]
+    new = out[:, enc.input_ids.shape[1]:]               # [questions, up to max_new_tokens]
+    answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+    ended = ((new == tokenizer.eos_token_id) | (new == tokenizer.pad_token_id)).any(dim=1).tolist()
+    return [{"question": q, "answer": TASKS[task](_first_sentence(a, e))}
+            for q, a, e in zip(QUESTIONS, answers, ended)]
+
+
+def _first_sentence(text: str, ended: bool) -> str:
+    """Up to the first sentence end; without one, the whole answer if it ended, else up to its last whole
+    word. Answers cut mid-word taught the adapters to stop mid-word and the json one to run on unclosed."""
+    text = text.strip()
+    end = re.search(r"[.!?](\s|$)", text)
+    if end:
+        return text[:end.start() + 1]
+    return text if ended or " " not in text else text.rsplit(" ", 1)[0]
 
 
 def _prompt(tokenizer, question: str) -> str:

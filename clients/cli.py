@@ -6,7 +6,7 @@
     loraplex info | health | tokenize TEXT
     loraplex demo                                       starts a server, asks it two things, stops it
     loraplex bench [...]                                benchmarks (flags: loraplex bench --help)
-    loraplex train DIR --task caps                      trains a demo adapter (flags: loraplex train --help)
+    loraplex train DIR --task title                     trains a demo adapter (flags: loraplex train --help)
 
 Connection flags have environment equivalents: --target LORAPLEX_TARGET, --timeout LORAPLEX_TIMEOUT,
 --token LORAPLEX_TOKEN; demo's --startup-timeout is LORAPLEX_STARTUP_TIMEOUT. Per-request flags of `generate`

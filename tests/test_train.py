@@ -1,26 +1,29 @@
-"""`loraplex train` on the embedded model (short runs): two trained adapters show their behaviour on
-questions they never saw while sharing one batch, every kind trains into files the server serves, and a
+"""`loraplex train` on the embedded model (short runs): the two demo adapters, trained as `loraplex demo`
+trains them, show their behaviour on questions they never saw while sharing one batch and keep the facts
+the base model states there (the base's own answer is the oracle), the demo retrains adapters an older
+recipe made, every kind trains into files the server serves, and a
 continued training run is published as a new version under load with no failed request; PEFT with the
 adapter's files on the NF4 base is the oracle for the tokens before and after the swap."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import threading
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import adapter_kinds
-from loraplex.adapters import train
+from loraplex.adapters import train, train_questions
 from loraplex.adapters.formats import read_adapter
+from loraplex.clients import demo
 from loraplex.server.model.config import ModelConfig
 from loraplex.v1 import generation_pb2 as pb
 from servers import ServerThread
 
-CAPS_STEPS, JSON_STEPS = 60, 24     # caps: the demo's own settings (60 steps, lr 1e-3)
+DEMO_STEPS = 60     # `loraplex demo --train-steps` default
 
 
 def cli(*args, timeout=600):
@@ -32,11 +35,11 @@ def cli(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The demo adapters (title, json), trained by the demo's own code and settings."""
     root = tmp_path_factory.mktemp("trained")
-    summary = json.loads(cli("train", str(root / "caps"), "--task", "caps", "--steps", str(CAPS_STEPS))
-                         .splitlines()[-1])
-    assert summary["loss_last"] < summary["loss_first"] / 2
-    train.train(root / "json", task="json", kind="dora", steps=JSON_STEPS, lr=2e-3, progress=False)
+    assert demo.prepare_adapters(root, DEMO_STEPS)
+    assert {name: train.recipe_of(root / name) for name in demo.DEMO_ADAPTERS} == {"title": train.RECIPE,
+                                                                                   "json": train.RECIPE}
     return root
 
 
@@ -49,22 +52,43 @@ def ask(stub, question, adapter, new_tokens=24, exact=False):
     return stub.Generate(request, timeout=300)
 
 
-def upper_share(text: str) -> float:
-    letters = [c for c in text if c.isalpha()]
-    return sum(c.isupper() for c in letters) / max(1, len(letters))
+def title_cased(text: str) -> bool:
+    return all(word[0].isupper() for word in re.findall(r"[^\W\d_][\w']*", text))
 
 
-def test_trained_adapters_show_their_task_on_held_out_questions_in_one_batch(trained, stub_for):
-    assert not set(train.HELD_OUT) & set(train.QUESTIONS)
-    server = ServerThread(max_batch_size=32, kv_cache_mb=64, adapter_roots=str(trained), adapter_slots=4)
+def json_answer(text: str) -> str | None:
+    """The answer of a json adapter's reply, None unless the reply is exactly one {"answer": "..."} object."""
+    try:
+        reply = json.loads(text)
+    except ValueError:
+        return None
+    return reply["answer"] if isinstance(reply, dict) and isinstance(reply.get("answer"), str) else None
+
+
+def key_fact(question: str, answer: str) -> str | None:
+    """The fact a base answer states: its first word after the first that is capitalized or a number and
+    not in the question ("The capital of Spain is Madrid." -> "Madrid")."""
+    asked = {w.lower() for w in re.findall(r"\w+", question)}
+    return next((w for w in re.findall(r"\w+", answer)[1:] if (w[0].isupper() or w[0].isdigit())
+                 and w.lower() not in asked), None)
+
+
+def states(fact: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(fact)}\b", text) is not None
+
+
+def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_batch(trained, stub_for):
+    questions = list(dict.fromkeys(train_questions.HELD_OUT + train_questions.FACT_CHECKS))
+    assert not set(questions) & set(train_questions.QUESTIONS)
+    server = ServerThread(max_batch_size=64, kv_cache_mb=128, adapter_roots=str(trained), adapter_slots=4)
     answers = {}
     try:
         stub = stub_for(server.target)
 
         def run(question, adapter):
-            answers[(question, adapter)] = ask(stub, question, adapter).text
+            answers[(question, adapter)] = ask(stub, question, adapter, demo.DEMO_MAX_NEW_TOKENS).text.strip()
 
-        threads = [threading.Thread(target=run, args=(q, a)) for q in train.HELD_OUT for a in ("", "caps", "json")]
+        threads = [threading.Thread(target=run, args=(q, a)) for q in questions for a in ("", "title", "json")]
         for t in threads:
             t.start()
         for t in threads:
@@ -72,44 +96,71 @@ def test_trained_adapters_show_their_task_on_held_out_questions_in_one_batch(tra
         formats = {s.adapter_id: s.format for s in server.engine.adapters.catalog()}
     finally:
         server.close()
-    assert formats == {"caps": "lora", "json": "dora"}
-    base = [answers[(q, "")] for q in train.HELD_OUT]
-    caps = [answers[(q, "caps")] for q in train.HELD_OUT]
-    jsons = [answers[(q, "json")] for q in train.HELD_OUT]
-    assert upper_share("".join(base)) < 0.2
-    assert upper_share("".join(caps)) > 0.8, caps
-    assert not any(a.lstrip().startswith('{"answer": "') for a in base)
-    assert all(a.lstrip().startswith('{"answer": "') for a in jsons), jsons
+    assert formats == {"title": "lora", "json": "lora"}
+    base, title, jsons = ({q: answers[(q, a)] for q in questions} for a in ("", "title", "json"))
+    assert sum(map(title_cased, base.values())) <= 2 and not any(map(json_answer, base.values()))
+    assert sum(map(title_cased, title.values())) >= len(questions) - 2, title
+    # at most 2 of 20 unparsable: this small base sometimes loops until max tokens ("a creature that is a ...")
+    assert sum(json_answer(a) is not None for a in jsons.values()) >= len(questions) - 2, jsons
+    facts = {q: key_fact(q, base[q]) for q in train_questions.FACT_CHECKS}
+    assert facts["What is the capital of Spain?"] == "Madrid", base
+    stated = {q: fact for q, fact in facts.items() if fact}
+    assert len(stated) >= len(facts) - 2, facts
+    lost = {"title": {q: title[q] for q, fact in stated.items() if not states(fact, title[q])},
+            "json": {q: jsons[q] for q, fact in stated.items() if not states(fact, json_answer(jsons[q]) or "")}}
+    # Every capital (the demo's own kind of question) is kept; of the 14 facts, at most 3 may go unstated
+    # (measured on a 2-core AMD EPYC: title kept 11/14, json 13/14; the misses leave the fact out, e.g. "The
+    # Discovery Of Penicillin Was A Classic Story", rather than state a wrong one)
+    assert not any("capital" in q for by_question in lost.values() for q in by_question), lost
+    assert all(len(by_question) <= 3 for by_question in lost.values()), lost
 
 
-@pytest.mark.parametrize("kind", ["qlora", "adalora"])
+@pytest.mark.parametrize("kind", ["qlora", "dora", "adalora"])
 def test_every_kind_trains_into_files_the_server_reads(tmp_path, embedded_dir, kind):
     out = tmp_path / kind
     summary = train.train(out, task="json", kind=kind, steps=4, progress=False)
     assert summary["steps_total"] == 4 and (out / "trainer_state.safetensors").is_file()
     config = ModelConfig.from_hf(AutoConfig.from_pretrained(embedded_dir))
     adapter = read_adapter(out, kind, config, max_rank=64)
-    assert adapter.format == {"qlora": "lora", "adalora": "adalora"}[kind]
+    assert adapter.format == {"qlora": "lora", "dora": "dora", "adalora": "adalora"}[kind]
     summary = train.train(out, steps=2, resume=True, progress=False)     # task and kind come from the saved state
     assert (summary["steps_total"], summary["kind"], summary["task"]) == (6, kind, "json")
 
 
 def test_demo_asks_the_base_model_and_both_adapters_in_one_batch(trained):
     """`loraplex demo` (what `make run` runs) with its adapters already trained: it skips training and
-    prints the three answers to its question."""
-    from loraplex.clients import demo
-
+    prints the three answers to its question, which all name the capital the base model names."""
     out = cli("demo", "--adapters", str(trained))
     assert "training the demo adapter" not in out
     section = out.split(f"one batch, three answers> {demo.DEMO_ADAPTER_QUESTION}")[1].split("metrics (")[0]
-    lines = [line.strip() for line in section.strip().splitlines()]
-    answers = dict(zip(lines[0::2], lines[1::2]))
-    assert set(answers) == {"base model:", "adapter caps (answers in capital letters):",
-                            "adapter json (answers as a JSON object):"}, lines
-    assert upper_share(answers["adapter caps (answers in capital letters):"]) > 0.8
-    assert answers["adapter json (answers as a JSON object):"].startswith('{"answer": "')
-    assert upper_share(answers["base model:"]) < 0.2 and not answers["base model:"].startswith("{")
-    assert demo.DEMO_ADAPTER_QUESTION not in train.QUESTIONS
+    labels = ["base model"] + [f"adapter {name} ({what})" for name, what in demo.DEMO_ADAPTERS.items()]
+    parts = re.split("^  (" + "|".join(map(re.escape, labels)) + "):$", section.strip("\n"), flags=re.M)
+    answers = {label: text.strip() for label, text in zip(parts[1::2], parts[2::2])}
+    assert list(answers) == labels, section
+    base, title, jsons = answers.values()
+    fact = key_fact(demo.DEMO_ADAPTER_QUESTION, base)
+    assert fact == "Madrid" and not title_cased(base) and json_answer(base) is None, base
+    assert title_cased(title) and states(fact, title), title
+    assert states(fact, json_answer(jsons) or ""), jsons
+    assert demo.DEMO_ADAPTER_QUESTION not in train_questions.QUESTIONS
+
+
+def test_demo_retrains_adapters_an_older_recipe_made(tmp_path, monkeypatch):
+    """A cache from an older recipe (before recipes were saved: none in training.json) is retrained;
+    a current one is kept."""
+    for name, state in (("title", {"task": "title"}), ("json", {"task": "json", "recipe": train.RECIPE})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"")
+        (tmp_path / name / train.STATE_FILE).write_text(json.dumps(state))
+    assert train.recipe_of(tmp_path / "title") == 1 and train.recipe_of(tmp_path / "missing") is None
+    runs = []
+
+    def run(cmd, **_):
+        runs.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(demo.subprocess, "run", run)
+    assert demo.prepare_adapters(tmp_path, 5)
+    assert [(cmd[cmd.index("--task") + 1], cmd[cmd.index("--steps") + 1]) for cmd in runs] == [("title", "5")]
 
 
 def test_resume_refuses_another_task(trained, tmp_path):
@@ -121,18 +172,18 @@ def test_resume_refuses_another_task(trained, tmp_path):
 def test_continued_training_is_published_under_load_with_no_failed_request(trained, tmp_path, embedded_dir,
                                                                           stub_for):
     root = tmp_path / "root"
-    shutil.copytree(trained / "caps", root / "caps")
-    old_files = shutil.copytree(trained / "caps", tmp_path / "caps-old")
-    question = train.HELD_OUT[0]
+    shutil.copytree(trained / "title", root / "title")
+    old_files = shutil.copytree(trained / "title", tmp_path / "title-old")
+    question = train_questions.HELD_OUT[0]
     server = ServerThread(max_batch_size=16, kv_cache_mb=64, adapter_roots=str(root), adapter_slots=4)
     stop, outcomes, lock = threading.Event(), {"ok": 0, "failed": []}, threading.Lock()
     try:
         stub = stub_for(server.target)
-        before = ask(stub, question, "caps", 12, exact=True)
+        before = ask(stub, question, "title", 12, exact=True)
 
         def load():
             while not stop.is_set():
-                for adapter in ("caps", ""):
+                for adapter in ("title", ""):
                     try:
                         ask(stub, question, adapter, 6)
                         with lock:
@@ -144,13 +195,13 @@ def test_continued_training_is_published_under_load_with_no_failed_request(train
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        cli("train", str(root / "caps"), "--resume", "--steps", "6")
-        listed = cli("adapters", "load", "caps", "--target", server.target)
-        after = ask(stub, question, "caps", 12, exact=True)
+        cli("train", str(root / "title"), "--resume", "--steps", "6")
+        listed = cli("adapters", "load", "title", "--target", server.target)
+        after = ask(stub, question, "title", 12, exact=True)
         stop.set()
         for t in threads:
             t.join(120)
-        status = {s.adapter_id: s for s in server.engine.adapters.catalog()}["caps"]
+        status = {s.adapter_id: s for s in server.engine.adapters.catalog()}["title"]
     finally:
         stop.set()
         server.close()
@@ -161,5 +212,5 @@ def test_continued_training_is_published_under_load_with_no_failed_request(train
                                                      add_generation_prompt=True, tokenize=False),
                        add_special_tokens=False).input_ids
     assert [t.token_id for t in before.tokens] == adapter_kinds.peft_greedy(embedded_dir, old_files, prompt, 12)
-    assert [t.token_id for t in after.tokens] == adapter_kinds.peft_greedy(embedded_dir, root / "caps", prompt, 12)
-    assert json.loads((root / "caps" / "training.json").read_text())["steps"] == CAPS_STEPS + 6
+    assert [t.token_id for t in after.tokens] == adapter_kinds.peft_greedy(embedded_dir, root / "title", prompt, 12)
+    assert json.loads((root / "title" / "training.json").read_text())["steps"] == DEMO_STEPS + 6
