@@ -119,6 +119,11 @@ class AdapterLoader:
             self.release(self._take_slot(reader, adapter_id, self.run_between_steps).key)
         return self._calls.submit(into_slot)
 
+    def with_resident(self, fn: Callable) -> Future:
+        """fn(read) on the administrative thread, where read(adapter_id) gives that adapter's Resident, read
+        (and published) first when it is not in host memory; the future holds fn's result."""
+        return self._calls.submit(lambda reader: fn(lambda adapter_id: self._resident(reader, adapter_id)))
+
     def unload(self, adapter_id: str) -> AdapterStatus:
         return self.registry.unload(adapter_id)
 

@@ -2,8 +2,10 @@
 of adapters), then each token's adapter delta is added through the segmented ops.
 
 All LoRA layers of a model share one `LoraStep`, which the model runner refreshes once per step (the
-segments of the batch and each slot's ranks); layers only read it. A packed base layer (q|k|v, gate|up)
-carries one target per output slice.
+segments of the batch and each slot's ranks, and the weight set the step runs on); layers only read it. A
+packed base layer (q|k|v, gate|up) carries one target per output slice. Beside its base, a layer may hold
+merged copies of it (`alternates`, by adapter version: see merge.py); a step on a merged weight set
+multiplies by those where the adapter has them and by the base elsewhere, with no LoRA work.
 """
 
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ class LoraStep:
     buffers: SlotBuffers
     segments: Segments | None = None
     scaled: torch.Tensor | None = None
+    weight_set: tuple | None = None     # a merged copy's key (adapter id, version, method); None: the base
 
     def set(self, segments: Segments | None) -> None:
         self.segments = segments if segments is not None and len(segments) else None
@@ -51,6 +54,7 @@ class LoraLinear(nn.Module):
         self.base = base
         self.targets = targets
         self.step = step
+        self.alternates: dict[tuple, nn.Module] = {}   # merged copies of base, by (id, version, method)
         # Views of this layer's rows of the slot buffers, taken once: slot writes update them in place.
         buffers = step.buffers
         self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.device_ranks[t][layer], offset, size)
@@ -58,7 +62,7 @@ class LoraLinear(nn.Module):
         self.scales = [(buffers.scale[t][layer], offset, size) for t, offset, size in targets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)                                   # [num_tokens, out_features]
+        out = self.alternates.get(self.step.weight_set, self.base)(x)     # [num_tokens, out_features]
         segments = self.step.segments
         if segments is None:
             return out

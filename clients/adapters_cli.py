@@ -1,18 +1,25 @@
-"""`loraplex adapters list|show|load|unload`: the AdapterService from the command line."""
+"""`loraplex adapters list|show|load|unload|merge|unmerge`: the AdapterService from the command line."""
 
 import json
+import sys
 
 
 def add_adapters(commands, connection) -> None:
-    p = commands.add_parser("adapters", parents=[connection], help="list, show, load or unload LoRA adapters")
+    p = commands.add_parser("adapters", parents=[connection],
+                            help="list, show, load, unload, merge or unmerge LoRA adapters")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     verbs.add_parser("list", parents=[connection], help="adapters in memory and under the adapter roots")
     for verb, text in (("show", "one adapter's details"), ("load", "read and validate an adapter now"),
-                       ("unload", "drop an adapter from memory")):
+                       ("unload", "drop an adapter from memory"),
+                       ("merge", "merge an adapter into a copy of the weights (its requests run with no LoRA work)")):
         v = verbs.add_parser(verb, parents=[connection], help=text)
         v.add_argument("adapter_id")
         if verb == "load":
             v.add_argument("--pin", action="store_true", help="keep it on the device")
+        if verb == "merge":
+            v.add_argument("--method", choices=("dense", "requantize"),
+                           help="dense (equal to the adapter) or requantize (4-bit) [the server's --merge-method]")
+    verbs.add_parser("unmerge", parents=[connection], help="drop the merged adapter's copy of the weights")
     p.set_defaults(run=_run)
 
 
@@ -23,11 +30,17 @@ def _run(args, _extra) -> int:
     with AdapterAdmin(args.target, timeout=args.timeout, token=args.token, credentials=credentials(args)) as admin:
         if args.verb == "list":
             for info in admin.list():
-                kind = f"{info.format or '-'} v{info.version}" if info.state == "loaded" else "-"
+                kind = f"{info.format or '-'} v{info.version}" if info.state == "LOADED" else "-"
+                merged = f" merged ({info.merge.method.lower()}, keeps {info.merge.retained:.1%})" if info.merge else ""
                 print(f"{info.adapter_id:<32} {info.state:<9} {info.tier:<7} {kind:<12} rank {info.rank:<3} "
-                      f"{','.join(info.target_modules)}")
+                      f"{','.join(info.target_modules)}{merged}")
             return 0
-        call = {"show": admin.get, "unload": admin.unload}.get(args.verb)
-        info = admin.load(args.adapter_id, pin=args.pin) if call is None else call(args.adapter_id)
+        if args.verb in ("merge", "unmerge"):
+            info = admin.unmerge() if args.verb == "unmerge" else admin.merge(args.adapter_id, args.method)
+            if info.warning:
+                print(f"warning: {info.warning}", file=sys.stderr)
+        else:
+            call = {"show": admin.get, "unload": admin.unload}.get(args.verb)
+            info = admin.load(args.adapter_id, pin=args.pin) if call is None else call(args.adapter_id)
         print(json.dumps(as_dict(info), indent=2))
     return 0

@@ -1,4 +1,5 @@
-"""Client of loraplex.v1.AdapterService: list, show, load (optionally pinned) and unload adapters."""
+"""Client of loraplex.v1.AdapterService: list, show, load (optionally pinned), unload, merge and unmerge
+adapters."""
 
 from dataclasses import dataclass
 
@@ -24,13 +25,33 @@ class AdapterInfo:
     size_bytes: int
     pinned: bool
     running_requests: int
+    merge: "MergeInfo | None" = None     # while this adapter is merged
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    adapter_id: str
+    state: str            # MERGING, MERGED, UNMERGED
+    method: str           # DENSE, REQUANTIZE
+    version: int
+    retained: float       # share of the adapter's update the merged weights keep
+    retained_by_layer: tuple
+    size_bytes: int       # memory of the merged copy, beside the base weights
+    seconds: float
+    warning: str
 
 
 def _info(message: pb.AdapterInfo) -> AdapterInfo:
     return AdapterInfo(message.adapter_id, pb.AdapterState.Name(message.state), pb.AdapterTier.Name(message.tier),
                        message.version, message.rank, dict(message.ranks), message.alpha,
                        tuple(message.target_modules), message.format, message.size_bytes, message.pinned,
-                       message.running_requests)
+                       message.running_requests, _merge_info(message.merge) if message.HasField("merge") else None)
+
+
+def _merge_info(message: pb.MergeInfo) -> MergeInfo:
+    return MergeInfo(message.adapter_id, pb.MergeState.Name(message.state), pb.MergeMethod.Name(message.method),
+                     message.version, round(message.retained, 6), tuple(round(r, 6) for r in message.retained_by_layer),
+                     message.size_bytes, round(message.seconds, 3), message.warning)
 
 
 class AdapterAdmin:
@@ -56,6 +77,17 @@ class AdapterAdmin:
         with _typed_errors():
             return _info(self._stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw))
 
+    def merge(self, adapter_id: str, method: str | None = None) -> MergeInfo:
+        """method: "dense", "requantize", or None for the server's --merge-method."""
+        value = pb.MERGE_METHOD_UNSPECIFIED if method is None else pb.MergeMethod.Value(method.upper())
+        with _typed_errors():
+            return _merge_info(self._stub.MergeAdapter(pb.MergeAdapterRequest(adapter_id=adapter_id, method=value),
+                                                       **self._kw))
+
+    def unmerge(self) -> MergeInfo:
+        with _typed_errors():
+            return _merge_info(self._stub.UnmergeAdapter(pb.UnmergeAdapterRequest(), **self._kw))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -66,8 +98,10 @@ class AdapterAdmin:
         self.close()
 
 
-def as_dict(info: AdapterInfo) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.__dict__.items()}
+def as_dict(info) -> dict:
+    """An AdapterInfo or MergeInfo as JSON-ready values."""
+    return {k: (list(v) if isinstance(v, tuple) else as_dict(v) if isinstance(v, MergeInfo) else v)
+            for k, v in info.__dict__.items()}
 
 
-__all__ = ["AdapterAdmin", "AdapterInfo", "as_dict"]
+__all__ = ["AdapterAdmin", "AdapterInfo", "MergeInfo", "as_dict"]

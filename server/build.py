@@ -80,6 +80,10 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
         eos.add(tokenizer.eos_token_id)
     limits = EngineLimits(window, config.max_new_tokens, config.max_prompt_tokens)
     engine = Engine(runner, scheduler, tokenizer, limits, tuple(sorted(eos)), adapters)
+    if adapters is not None:
+        engine.weights = _weight_sets(config, engine, backend, dtype)
+        if config.merge_adapter:
+            _merge_at_start(engine, config.merge_adapter, config.merge_method)
     if adapters is not None and config.adapter_watch_seconds > 0:
         adapters.watch(config.adapter_watch_seconds)
     name = pathlib.Path(model_dir).name
@@ -123,6 +127,31 @@ def _adapters(config: ServerConfig, model, backend, device, dtype):
             raise ValueError(f"preloading adapter {adapter_id!r} failed: {exc}") from None
         log.info("preloaded adapter %s", adapter_id)
     return adapters, step
+
+
+def _weight_sets(config: ServerConfig, engine: Engine, backend, dtype):
+    """Merged adapters' copies of the weights beside the base's: built on the loader's administrative
+    thread, installed between steps by the engine's loop."""
+    from functools import partial
+
+    from ..adapters.merge import merge_into_copy
+    from .engine.weight_sets import WeightSets
+
+    model = engine.runner.model
+    return WeightSets(model, engine.adapters.with_resident,
+                      partial(merge_into_copy, model, backend=backend, dtype=dtype), engine.between_steps,
+                      config.merge_min_retained)
+
+
+def _merge_at_start(engine: Engine, adapter_id: str, method: str) -> None:
+    """Before the loop runs, so the copy is installed at once; a failed merge stops the start."""
+    try:
+        status = engine.weights.merge(adapter_id, method).result()
+    except LoraplexError as exc:
+        engine.adapters.stop()
+        raise ValueError(f"merging adapter {adapter_id!r} failed: {exc}") from None
+    log.info("merged adapter %s v%d (%s): keeps %.1f%% of its update, %.1f MiB beside the base, %.2f s",
+             adapter_id, status.version, method, 100 * status.retained, status.size_bytes / 2**20, status.seconds)
 
 
 def launch_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:

@@ -56,6 +56,13 @@ class ServerConfig:
     adapter_read_timeout_seconds: float = _opt(0.0, "a reader process that has not answered within this is "
                                                     "killed and replaced, and that load fails UNAVAILABLE; 0 = "
                                                     "60 s plus the largest legal adapter at 5 MB/s")
+    merge_adapter: str = _opt("", "adapter id to merge into a copy of the weights at start-up, before SERVING "
+                                  "(its requests then run with no LoRA work; others' keep being served)")
+    merge_method: str = _opt("dense", "how --merge-adapter (and a merge request that names none) merges: dense "
+                                      "(merged layers in the compute dtype, equal to the adapter) or requantize "
+                                      "(4-bit again, PEFT's merge: keeps only part of a small update)")
+    merge_min_retained: float = _opt(0.5, "warn (log and reply) when a merge keeps less than this share of the "
+                                          "adapter's update")
     native_kernels: bool = _opt(True, "the LoRA ops' C++ CPU kernels (built by make install); off = torch ops")
     lora_fused: bool = _opt(True, "on CUDA, one Triton launch per packed module for every target's LoRA; "
                                   "off = a shrink and an expand per target")
@@ -104,6 +111,10 @@ class ServerConfig:
         for name in ("adapter_watch_seconds", "adapter_read_timeout_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.merge_method not in ("dense", "requantize"):
+            raise ValueError(f"merge_method must be dense or requantize, got {self.merge_method!r}")
+        if self.merge_adapter and not self.adapter_root_paths():
+            raise ValueError("merge_adapter needs adapter_roots")
         if self.adapter_preload_ids() and not self.adapter_root_paths():
             raise ValueError("adapter_preload needs adapter_roots")
         if len(self.adapter_preload_ids()) > self.adapter_slots:

@@ -53,6 +53,8 @@ class NullMetrics:
     def succeeded(self, stop_reason: str, seconds: float) -> None: ...
     def failed(self, reason: str) -> None: ...
     def unauthenticated(self, service: str) -> None: ...
+    def merge_event(self, operation: str, method: str, result: str, merged=None) -> None: ...
+    def merged_step(self, merged: bool) -> None: ...
 
 
 NO_METRICS = NullMetrics()
@@ -99,6 +101,16 @@ class Metrics(NullMetrics):
             self.evictions.labels(tier)
         self.refused = Counter(p + "unauthenticated_calls", "Calls refused for a missing or wrong bearer token, by "
                                "service (these never reach the request counters)", ["service"], registry=r)
+        self.merges = Counter(p + "adapter_merges", "Merges of an adapter into a copy of the weights and "
+                              "unmerges, by operation, method and result (ok, error)",
+                              ["operation", "method", "result"], registry=r)
+        self.merge_time = Histogram(p + "adapter_merge_duration_seconds", "Time to build an adapter's merged "
+                                    "copy of the weights, by method", ["method"], buckets=LOAD_BUCKETS + (20.0, 40.0),
+                                    registry=r)
+        self.steps = Counter(p + "steps", "Model steps, by the weights they ran on: base (with the LoRA path) "
+                             "or merged (one merged adapter's requests)", ["weights"], registry=r)
+        for weights in ("base", "merged"):
+            self.steps.labels(weights)
         self.top = TopAdapters(top_adapters)
         r.register(_TopCollector(self.top))
         self._info = Gauge(p + "model_info", "The served model (always 1)",
@@ -147,6 +159,15 @@ class Metrics(NullMetrics):
 
     def unauthenticated(self, service: str) -> None:
         self.refused.labels(service).inc()
+
+    # ---- reported by the weight sets -------------------------------------------------------------
+    def merge_event(self, operation: str, method: str, result: str, merged=None) -> None:
+        self.merges.labels(operation, method, result).inc()
+        if merged is not None:
+            self.merge_time.labels(method).observe(merged.seconds)
+
+    def merged_step(self, merged: bool) -> None:
+        self.steps.labels("merged" if merged else "base").inc()
 
     # ---- set-up ---------------------------------------------------------------------------------
     def watch(self, engine, model) -> None:
@@ -233,6 +254,14 @@ class _EngineCollector:
                                   "recomputed", value=stats.preemptions)
         if self.engine.adapters is None:
             return
+        merged = self.engine.weights.status() if self.engine.weights is not None else None
+        yield _gauge("merged_adapters", "Adapters merged into a copy of the weights (0 or 1)",
+                     int(merged is not None and merged.state == "merged"))
+        yield _gauge("merged_memory_bytes", "Memory of the merged copies of the weights, beside the base's",
+                     self.engine.weights.memory() if self.engine.weights is not None else 0)
+        yield _gauge("merged_retained_ratio", "Share of the merged adapter's update its merged weights keep "
+                     "(1 with none merged)", merged.retained if merged is not None and merged.state == "merged"
+                     else 1.0)
         tiers = self.engine.adapters.registry.tiers()
         resident = GaugeMetricFamily(PREFIX + "adapters_resident", "Adapters held per tier: host (in host "
                                      "memory) and device (in a device slot; these are in host memory too)",

@@ -122,8 +122,9 @@ def dora_weights_before_packing(model):
         yield
 
 
-def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int) -> list[int]:
-    """PEFT's greedy tokens with one adapter (None: the base) on the NF4 base, exactly `new_tokens` of them."""
+def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int, merged: bool = False) -> list[int]:
+    """PEFT's greedy tokens with one adapter (None: the base) on the NF4 base, exactly `new_tokens` of them;
+    merged: after PEFT's merge_and_unload (the adapter quantized into the 4-bit weights)."""
     from peft import PeftModel
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -131,6 +132,8 @@ def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int) -> list[
     with dora_weights_before_packing(model), torch.inference_mode():
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
+            if merged:
+                model = model.merge_and_unload()
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                              min_new_tokens=new_tokens)
     return out[0, len(ids):].tolist()

@@ -48,8 +48,10 @@ def test_dense_weight_undoes_row_padding_and_stacked_parts():
     stacked = RowPadded(StackedLinear([backend.quantize(w, None, CPU, torch.float32) for w in parts]))
     expected = torch.cat([backend.dense_weight(part) for part in stacked.inner.parts])
     assert torch.equal(dense_weight(stacked, backend), expected)
-    with pytest.raises(TypeError, match="Linear is not a module of the nf4 backend"):
-        dense_weight(RowPadded(torch.nn.Linear(4, 4)), backend)
+    dense = torch.nn.Linear(4, 4)                       # a merged module kept dense: its own weight
+    assert torch.equal(dense_weight(RowPadded(dense), backend), dense.weight.float())
+    with pytest.raises(TypeError, match="Bilinear is not a module of the nf4 backend"):
+        dense_weight(RowPadded(torch.nn.Bilinear(4, 4, 4)), backend)
 
 
 @pytest.mark.parametrize("intermediate, blocksize, width", [(192, 128, 64), (96, 64, 96)])

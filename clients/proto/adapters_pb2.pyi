@@ -7,6 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MergeMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MERGE_METHOD_UNSPECIFIED: _ClassVar[MergeMethod]
+    DENSE: _ClassVar[MergeMethod]
+    REQUANTIZE: _ClassVar[MergeMethod]
+
+class MergeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MERGE_STATE_UNSPECIFIED: _ClassVar[MergeState]
+    MERGING: _ClassVar[MergeState]
+    MERGED: _ClassVar[MergeState]
+    UNMERGED: _ClassVar[MergeState]
+
 class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ADAPTER_STATE_UNSPECIFIED: _ClassVar[AdapterState]
@@ -20,6 +33,13 @@ class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DISK: _ClassVar[AdapterTier]
     HOST: _ClassVar[AdapterTier]
     DEVICE: _ClassVar[AdapterTier]
+MERGE_METHOD_UNSPECIFIED: MergeMethod
+DENSE: MergeMethod
+REQUANTIZE: MergeMethod
+MERGE_STATE_UNSPECIFIED: MergeState
+MERGING: MergeState
+MERGED: MergeState
+UNMERGED: MergeState
 ADAPTER_STATE_UNSPECIFIED: AdapterState
 ON_DISK: AdapterState
 LOADED: AdapterState
@@ -29,8 +49,30 @@ DISK: AdapterTier
 HOST: AdapterTier
 DEVICE: AdapterTier
 
+class MergeInfo(_message.Message):
+    __slots__ = ("adapter_id", "state", "method", "version", "retained", "retained_by_layer", "size_bytes", "seconds", "warning")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_BY_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    state: MergeState
+    method: MergeMethod
+    version: int
+    retained: float
+    retained_by_layer: _containers.RepeatedScalarFieldContainer[float]
+    size_bytes: int
+    seconds: float
+    warning: str
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[MergeState, str]] = ..., method: _Optional[_Union[MergeMethod, str]] = ..., version: _Optional[int] = ..., retained: _Optional[float] = ..., retained_by_layer: _Optional[_Iterable[float]] = ..., size_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., warning: _Optional[str] = ...) -> None: ...
+
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "state", "tier", "version", "rank", "ranks", "alpha", "target_modules", "format", "size_bytes", "error", "pinned", "running_requests")
+    __slots__ = ("adapter_id", "state", "tier", "version", "rank", "ranks", "alpha", "target_modules", "format", "size_bytes", "error", "pinned", "running_requests", "merge")
     class RanksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +93,7 @@ class AdapterInfo(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     state: AdapterState
     tier: AdapterTier
@@ -64,7 +107,8 @@ class AdapterInfo(_message.Message):
     error: str
     pinned: bool
     running_requests: int
-    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., ranks: _Optional[_Mapping[str, int]] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ...) -> None: ...
+    merge: MergeInfo
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., ranks: _Optional[_Mapping[str, int]] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ..., merge: _Optional[_Union[MergeInfo, _Mapping]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
@@ -95,3 +139,15 @@ class UnloadAdapterRequest(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "method")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    method: MergeMethod
+    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[_Union[MergeMethod, str]] = ...) -> None: ...
+
+class UnmergeAdapterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -56,6 +56,16 @@ class AdapterServiceStub:
                 request_serializer=loraplex_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/loraplex.v1.AdapterService/MergeAdapter',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.MergeInfo.FromString,
+                _registered_method=True)
+        self.UnmergeAdapter = channel.unary_unary(
+                '/loraplex.v1.AdapterService/UnmergeAdapter',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.UnmergeAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.MergeInfo.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -84,7 +94,23 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Drops an adapter from memory; refused while running requests use it.
+        """Drops an adapter from memory; refused while running requests use it. A merged adapter is unmerged first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAdapter(self, request, context):
+        """Merges an adapter into a copy of the weights it targets, kept beside the base's: its requests then run
+        with no LoRA work, everyone else's keep being served on the base. One adapter at a time: merging
+        another while one is merged is FAILED_PRECONDITION; merging the merged one again re-merges it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmergeAdapter(self, request, context):
+        """Drops the merged copy (once no running request uses it); the base weights were never changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +138,16 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=loraplex_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_adapters__pb2.AdapterInfo.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.MergeInfo.SerializeToString,
+            ),
+            'UnmergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmergeAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.UnmergeAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.MergeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +260,60 @@ class AdapterService:
             '/loraplex.v1.AdapterService/UnloadAdapter',
             loraplex_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.SerializeToString,
             loraplex_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdapterService/MergeAdapter',
+            loraplex_dot_v1_dot_adapters__pb2.MergeAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.MergeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdapterService/UnmergeAdapter',
+            loraplex_dot_v1_dot_adapters__pb2.UnmergeAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.MergeInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,7 @@ class Engine:
         self.limits = limits
         self.eos_ids = eos_ids
         self.adapters = adapters      # an AdapterLoader; None = adapters off
+        self.weights = None           # WeightSets: merged adapters' copies of the weights (set by build)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
@@ -69,6 +70,8 @@ class Engine:
         self.metrics = metrics
         if self.adapters is not None:
             self.adapters.observe(metrics)
+        if self.weights is not None:
+            self.weights.metrics = metrics
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, sink: Sink) -> Sequence:
@@ -224,7 +227,7 @@ class Engine:
                     return
                 failed = self._bind_ready()
                 chore = self.chores.take()
-                batch = self.scheduler.schedule() if self.scheduler.has_work() else None
+                batch = self._schedule() if self.scheduler.has_work() else None
                 self.runner.move_kv(*self.scheduler.take_kv_moves())
                 if batch is None and chore is None:   # only requests waiting for their adapter: the loader wakes us
                     self._wake.wait(0.05)
@@ -237,6 +240,25 @@ class Engine:
             if batch is not None:
                 self.metrics.step(batch.prefill, batch.seqs)
                 self._run(batch)
+
+    def _schedule(self) -> Batch | None:
+        """Under the lock: the next step. With merges, each request's weight set is fixed when it is first
+        seen, and a step runs on one set, the sets with work taking turns (weight_sets.py)."""
+        weights = self.weights
+        if weights is None:
+            return self.scheduler.schedule()
+        weights.collect()
+        seqs = [seq for seq in (*self.scheduler.running, *self.scheduler.waiting) if not seq.adapter_pending]
+        for seq in seqs:
+            weights.assign(seq)
+        sets = {seq.weight_set for seq in seqs}
+        for key in weights.rotation(sets) if len(sets) > 1 else sets:
+            batch = self.scheduler.schedule((lambda seq, key=key: seq.weight_set == key) if len(sets) > 1 else None)
+            if batch is not None:
+                batch.weight_set = key
+                weights.ran(key)
+                return batch
+        return None
 
     def _run(self, batch: Batch) -> None:
         try:
@@ -296,6 +318,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: StopReason) -> None:
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
+        if self.weights is not None:
+            self.weights.release(seq)
         self._release_adapter(seq)
         seq.stop_reason = reason
 

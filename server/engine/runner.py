@@ -38,7 +38,9 @@ class ModelRunner:
         if self.lora_step is not None:
             slots = [seq.slot for seq in batch.seqs]
             lengths = [seq.num_tokens if batch.prefill else 1 for seq in batch.seqs]
-            self.lora_step.set(compute_segments(slots, lengths, self.device) if max(slots) >= 0 else None)
+            lora = max(slots) >= 0 and batch.weight_set is None     # a merged step needs no LoRA work
+            self.lora_step.set(compute_segments(slots, lengths, self.device) if lora else None)
+            self.lora_step.weight_set = batch.weight_set
         hidden = self.model(input_ids, ctx)
         return pick(self.head, hidden, batch.seqs, eos_ids)
 

@@ -3,6 +3,7 @@ otherwise decodes every running sequence one token. Never touches a tensor."""
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import ResourceExhaustedError
 from .kv_cache import BlockManager
@@ -13,6 +14,7 @@ from .sequence import Sequence, Status
 class Batch:
     prefill: bool
     seqs: list[Sequence]
+    weight_set: tuple | None = None    # a merged copy's key (adapter id, version, method); None: the base
 
 
 class Scheduler:
@@ -40,20 +42,23 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Batch | None:
-        admitted = self._admit()
+    def schedule(self, runs: Callable[[Sequence], bool] | None = None) -> Batch | None:
+        """The next step; with `runs`, only of the sequences it accepts (those of one weight set)."""
+        admitted = self._admit(runs)
         if admitted:
             return Batch(prefill=True, seqs=admitted)
         self._reserve_decode_rows()
-        return Batch(prefill=False, seqs=list(self.running)) if self.running else None
+        seqs = [seq for seq in self.running if runs is None or runs(seq)]
+        return Batch(prefill=False, seqs=seqs) if seqs else None
 
-    def _admit(self) -> list[Sequence]:
-        """In arrival order; a request still waiting for an adapter slot is passed over, not waited on."""
+    def _admit(self, runs) -> list[Sequence]:
+        """In arrival order; a request still waiting for an adapter slot, or of another weight set, is
+        passed over, not waited on."""
         admitted, tokens = [], 0
         for seq in list(self.waiting):
             if len(self.running) + len(admitted) >= self.max_batch_size:
                 break
-            if seq.adapter_pending:
+            if seq.adapter_pending or (runs is not None and not runs(seq)):
                 continue
             if seq.swapped:
                 if not self._resume(seq):

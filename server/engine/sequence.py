@@ -75,6 +75,8 @@ class Sequence:
         self.slot = -1                 # device slot of the request's adapter; -1 = base model only
         self.adapter_key = None        # (adapter_id, version) the request holds a slot reference on
         self.adapter_pending = False   # waiting for its adapter to reach a slot
+        self.weight_set = None         # the merged adapter version whose copy of the weights it runs on; None: base
+        self.weight_set_assigned = False   # weight_set is fixed (weight_sets.WeightSets.assign)
         self.swapped = False           # preempted with its K/V rows kept in host memory (Scheduler._preempt)
         self.saved_kv: list | None = None   # those rows, per layer (k, v), held by the runner
 

@@ -39,7 +39,7 @@ def load_model(model_dir: pathlib.Path, device: torch.device, dtype: torch.dtype
         for path in layout.PACKED:
             linear = _linear(weights, cfg, f"model.layers.{index}.", path, layer.get_submodule(path), device,
                              dtype, backend)
-            _set_module(layer, path, RowPadded(linear))
+            _set_module(layer, path, linear)
     rest = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or "layernorm" in k}
     _assign_plain(model, rest, device, dtype)
     if cfg.tie_word_embeddings:
@@ -63,11 +63,19 @@ def _linear(weights, cfg, prefix: str, path: str, module: nn.Linear, device, dty
     `prefix`, from the weights of the checkpoint linears it stacks (rows in layout order)."""
     parts = [_part(weights, cfg, prefix + key, target, module.bias is not None, dtype)
              for key, target in zip(layout.checkpoint_paths(path), layout.PACKED[path])]
-    if len(parts) > 1 and not backend.stacks(module.in_features):   # one quantization block would span parts
-        return StackedLinear([backend.quantize(w, b, device, dtype) for w, b in parts])
+    return packed_linear(parts, device, dtype, backend)
+
+
+def packed_linear(parts: list[tuple[torch.Tensor, torch.Tensor | None]], device, dtype,
+                  backend: QuantBackend) -> nn.Module:
+    """One packed decoder linear, quantized by `backend`, from its parts' weights [out_i, in] (and biases)
+    in output order: one module for all parts when the backend stacks them, else one per part."""
+    if len(parts) > 1 and not backend.stacks(parts[0][0].shape[1]):   # a quantization block would span parts
+        return RowPadded(StackedLinear([backend.quantize(w, b, device, dtype) for w, b in parts]))
     weight = torch.cat([w for w, _ in parts])
-    bias = torch.cat([b for _, b in parts]) if module.bias is not None else None
-    return backend.quantize(weight, bias, device, dtype)
+    biases = [b for _, b in parts]
+    bias = torch.cat(biases) if biases[0] is not None else None
+    return RowPadded(backend.quantize(weight, bias, device, dtype))
 
 
 def _part(weights, cfg, key: str, target: str, has_bias: bool, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,13 +99,37 @@ class StackedLinear(nn.Module):
 
 
 def dense_weight(layer: nn.Module, backend: QuantBackend) -> torch.Tensor:
-    """[out, in] float32: the weight one of our decoder linears multiplies by, dequantized (DoRA's norms need
-    it): the layout's wrappers are undone here, the backend's modules are the backend's to read."""
+    """[out, in] float32: the weight one of our decoder linears multiplies by, dequantized (DoRA's norms and
+    merges need it): the layout's wrappers are undone here, the backend's modules are the backend's to read;
+    a plain nn.Linear is a merged module kept dense."""
     if isinstance(layer, RowPadded):
         return dense_weight(layer.inner, backend)
     if isinstance(layer, StackedLinear):
         return torch.cat([dense_weight(part, backend) for part in layer.parts])
+    if type(layer) is nn.Linear:
+        return layer.weight.float()
     return backend.dense_weight(layer)
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """The bias [out] one of our decoder linears adds, or None."""
+    if isinstance(layer, RowPadded):
+        return bias_of(layer.inner)
+    if isinstance(layer, StackedLinear):
+        parts = [bias_of(part) for part in layer.parts]
+        return None if parts[0] is None else torch.cat(parts)
+    return layer.bias
+
+
+def module_bytes(layer: nn.Module, backend: QuantBackend) -> int:
+    """The memory one of our decoder linears holds (weights, scales, bias)."""
+    if isinstance(layer, RowPadded):
+        return module_bytes(layer.inner, backend)
+    if isinstance(layer, StackedLinear):
+        return sum(module_bytes(part, backend) for part in layer.parts)
+    if type(layer) is nn.Linear:
+        return sum(t.nbytes for t in layer.parameters())
+    return backend.nbytes(layer)
 
 
 def _take(weights: dict, key: str, shape: tuple) -> torch.Tensor:

@@ -55,6 +55,11 @@ class NF4Backend(QuantBackend):
         layer = layer.to(device)   # moving to the device quantizes the weight
         return nf4_cpu.FusedNF4Linear(layer) if nf4_cpu.available(layer) else layer
 
+    def nbytes(self, module: nn.Module) -> int:
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        scales = 0 if state is None else state.absmax.nbytes + (state.state2.absmax.nbytes if state.nested else 0)
+        return super().nbytes(module) + scales      # Linear4bit keeps its scales in the quant state
+
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 

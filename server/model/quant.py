@@ -42,6 +42,11 @@ class QuantBackend(ABC):
         """Whether weights of this width stacked along out_features quantize, row for row, as each would
         alone, so that the parts of a packed linear can share one module (else each part gets its own)."""
 
+    def nbytes(self, module: nn.Module) -> int:
+        """The memory `module`, made by `quantize`, holds: its parameters and buffers (a backend whose
+        scales live elsewhere counts them too)."""
+        return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
+
     def describe(self) -> str:
         """The format and its settings, for the log: "nf4 block 64"."""
         return self.name

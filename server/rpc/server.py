@@ -72,7 +72,8 @@ def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
     if engine.adapters is not None and config.adapter_service:
         from .adapters import AdapterService
 
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(engine.adapters), server)
+        servicer = AdapterService(engine.adapters, engine.weights, config.merge_method)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(servicer, server)
         services += (ADAPTERS,)
     health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)
