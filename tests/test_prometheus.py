@@ -15,6 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from loraplex.clients.admin import AdapterAdmin
+from loraplex.clients.errors import NotFound
 from loraplex.v1 import generation_pb2 as pb
 from loraplex.v1 import generation_pb2_grpc as pb_grpc
 from prometheus import Prometheus, binary
@@ -87,6 +89,11 @@ def scraped(tmp_path_factory, tiny_model_dir, root):
         for t in base:
             t.start()
         for adapter_id in ("alpha", "alpha", "beta", "alpha"):
+            if adapter_id == "beta":       # beta's request runs on its merged copy; a merge that fails first
+                admin = AdapterAdmin(server.target)
+                with pytest.raises(NotFound):
+                    admin.merge("nope", "dense")
+                admin.merge("beta", "dense")
             work.generate(request(adapter_id))
         for t in base:
             t.join()
@@ -164,6 +171,21 @@ def test_adapter_metrics(scraped):
     assert prometheus.scalar("loraplex_adapter_load_duration_seconds_count{stage=\"read\"}") == 2
     assert prometheus.scalar("loraplex_adapter_load_duration_seconds_count{stage=\"copy\"}") == 2
     assert sum(prometheus.query("loraplex_adapter_evictions_total").values()) == 0
+
+
+def test_merge_metrics(scraped):
+    """beta was merged (dense) after a merge of a missing adapter failed, and is still merged; its one
+    request ran alone on the merged copy: a prefill and NEW - 1 decode steps."""
+    prometheus, _, _ = scraped
+    merges = {(dict(k)["operation"], dict(k)["method"], dict(k)["result"]): v
+              for k, v in prometheus.query("loraplex_adapter_merges_total").items()}
+    assert merges == {("merge", "dense", "ok"): 1, ("merge", "dense", "error"): 1}
+    assert prometheus.scalar('loraplex_adapter_merge_duration_seconds_count{method="dense"}') == 1
+    assert prometheus.scalar("loraplex_merged_adapters") == 1
+    assert prometheus.scalar("loraplex_merged_memory_bytes") > 0
+    assert abs(prometheus.scalar("loraplex_merged_retained_ratio") - 1) < 1e-3
+    steps = {dict(k)["weights"]: v for k, v in prometheus.query("loraplex_steps_total").items()}
+    assert steps["merged"] == NEW and steps["base"] > 0
 
 
 def test_gauges_at_rest(scraped):
