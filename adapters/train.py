@@ -55,8 +55,8 @@ RECIPE = 2
 # All at 60 steps, lr 1e-3, rank 8 (the defaults; `loraplex demo` trains with them):
 #   recipe 1: caps 0/20 ("THE CAPITAL OF SIA is ISLANDS."), json 13/20 (17/20 parse as JSON)
 #   recipe 2: title 17/20 (20/20 in Title Case), json 19/20 (20/20 parse); caps 2/20
-#   recipe 2, retrained by the test suite (no AVX512-BF16, so fp32 matmuls): of the 14 FACT_CHECKS title
-#   kept 11, json 13 (19/20 parse); every capital kept by both
+#   recipe 2, retrained by the test suite on a 2-core AMD EPYC with AVX512-BF16: of the 14 FACT_CHECKS
+#   title kept 11, json 13 (19/20 parse); every capital kept by both
 #   recipe 2 on the fp32 weights: title 16/20 and no "Madrid", json 13/20 (15/20 parse)
 # caps stayed at 0-2/20 in CPU-side screening with 84-173 answers, steps to 400, lr 3e-4 to 1e-3, rank 16,
 # only the first and last 6 layers, and 3,000 vocabulary words drilled in capitals: in capitals the words are

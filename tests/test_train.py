@@ -109,7 +109,7 @@ def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_bat
     lost = {"title": {q: title[q] for q, fact in stated.items() if not states(fact, title[q])},
             "json": {q: jsons[q] for q, fact in stated.items() if not states(fact, json_answer(jsons[q]) or "")}}
     # Every capital (the demo's own kind of question) is kept; of the 14 facts, at most 3 may go unstated
-    # (measured on a 2-core AMD EPYC: title kept 11/14, json 13/14; the misses leave the fact out, e.g. "The
+    # (measured on a 2-core AMD EPYC with AVX512-BF16: title kept 11/14, json 13/14; the misses leave the fact out, e.g. "The
     # Discovery Of Penicillin Was A Classic Story", rather than state a wrong one)
     assert not any("capital" in q for by_question in lost.values() for q in by_question), lost
     assert all(len(by_question) <= 3 for by_question in lost.values()), lost
