@@ -3,7 +3,8 @@
 Clients send greedy and seeded requests (base and adapters, more adapters than slots, so slots churn),
 stop sequences, streams they cancel, calls whose deadline passes, bad requests and unknown adapters, while
 an admin thread lists, unloads and reloads adapters and publishes new versions of one of them, sometimes
-with a half-written weights file first. Checked at the end: no INTERNAL or UNKNOWN (or any status a call
+with a half-written weights file first, and merges that one into the weights and unmerges it (each method;
+its new versions are merged again as they come). Checked at the end: no INTERNAL or UNKNOWN (or any status a call
 could not have earned), every answer well-formed, repeated greedy and seeded requests identical, the
 process's RSS bounded, the server's counters equal to what the clients saw, and its gauges back to 0.
 
@@ -194,7 +195,7 @@ def admin_loop(target: str, root: pathlib.Path, tally: Tally, seed: int, until: 
     with grpc.insecure_channel(target) as channel:
         admin = adapters_pb2_grpc.AdapterServiceStub(channel)
         while time.monotonic() < until:
-            choice = rng.choice(["list", "unload", "load", "publish"])
+            choice = rng.choice(["list", "unload", "load", "publish", "merge", "unmerge"])
             try:
                 if choice == "list":
                     admin.ListAdapters(apb.ListAdaptersRequest(), timeout=30)
@@ -202,9 +203,14 @@ def admin_loop(target: str, root: pathlib.Path, tally: Tally, seed: int, until: 
                     admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=rng.choice(STABLE)), timeout=30)
                 elif choice == "load":
                     admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id=rng.choice(STABLE)), timeout=60)
+                elif choice == "merge":       # CHURN only: the answers of STABLE adapters must repeat exactly
+                    admin.MergeAdapter(apb.MergeAdapterRequest(adapter_id=CHURN, method=rng.choice(
+                        [apb.DENSE, apb.REQUANTIZE])), timeout=60)
+                elif choice == "unmerge":
+                    admin.UnmergeAdapter(apb.UnmergeAdapterRequest(), timeout=30)
                 else:
                     publish(admin, root, rng)
-            except grpc.RpcError as exc:     # unloading what is not loaded, a half-written version
+            except grpc.RpcError as exc:     # unloading what is not loaded, a half-written version, nothing merged
                 if exc.code() not in (Code.NOT_FOUND, Code.FAILED_PRECONDITION):
                     tally.problem(f"admin {choice}: {exc.code().name} {exc.details()}")
             time.sleep(rng.uniform(0.2, 0.8))
@@ -241,7 +247,8 @@ def scrape(port: int) -> dict[str, float]:
     values = collections.Counter()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            label = sample.labels.get("reason") or sample.labels.get("stop_reason") or ""
+            label = (sample.labels.get("reason") or sample.labels.get("stop_reason") or sample.labels.get("weights")
+                     or "")
             values[f"{sample.name}{{{label}}}" if label else sample.name] += sample.value
     return values
 
@@ -305,12 +312,14 @@ def _run_clients(server, root, seconds, clients, seed, tally: Tally, start_rss: 
         time.sleep(0.1)
     time.sleep(0.5)
     unseen = len(tally.timed_out - lines.ids)
-    check_metrics(tally, scrape(server.running.metrics_port), unseen)
+    values = scrape(server.running.metrics_port)
+    check_metrics(tally, values, unseen)
     growth = rss_mb() - start_rss
     if growth > RSS_GROWTH_LIMIT_MB:
         tally.problem(f"RSS grew by {growth:.0f} MB")
     return {"seconds": seconds, "calls": dict(tally.codes), "deadline_before_the_server_saw_it": unseen,
-            "repeated_requests": len(tally.answers),
+            "repeated_requests": len(tally.answers), "merges_and_unmerges": values["loraplex_adapter_merges_total"],
+            "merged_steps": values["loraplex_steps_total{merged}"],
             "rss_growth_mb": round(growth), "problems": tally.problems[:20]}
 
 

@@ -1,6 +1,6 @@
 """The soak of tests/soak.py for one minute (`make soak` runs it for ten): mixed adapters through three
 slots, seeded and greedy repeats, cancels, deadlines, bad requests, unloads and new versions of an adapter
-(some half-written) while traffic flows. Oracles: the statuses a call may earn, the request's own earlier
+(some half-written), merges and unmerges of that adapter while traffic flows. Oracles: the statuses a call may earn, the request's own earlier
 answer, and the server's Prometheus counters against what the clients counted."""
 
 from soak import soak
@@ -13,4 +13,5 @@ def test_one_minute_soak_finds_no_problem():
     for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "NOT_FOUND"):
         assert calls.get(code, 0) > 0, f"the soak made no call ending {code}: {calls}"
     assert report["repeated_requests"] < calls["OK"]     # some answers were compared with an earlier one
+    assert report["merges_and_unmerges"] > 0 and report["merged_steps"] > 0, report
     assert not {"INTERNAL", "UNKNOWN", "UNAVAILABLE"} & set(calls)
