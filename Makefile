@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(VENV)/bin/loraplex bench
 	$(PY) -m loraplex.bench.adapters_bench
 	$(PY) -m loraplex.bench.kinds_bench
+	$(PY) -m loraplex.bench.merge_bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py
