@@ -82,6 +82,11 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     engine = Engine(runner, scheduler, tokenizer, limits, tuple(sorted(eos)), adapters)
     if adapters is not None:
         engine.weights = _weight_sets(config, engine, backend, dtype)
+        if config.auto_merge:
+            from .engine.auto_merge import AutoMergeSettings
+            from .engine.auto_planner import AutoPlanner
+
+            engine.auto = AutoPlanner(engine.weights, AutoMergeSettings(max_wait_s=config.auto_merge_max_wait_seconds))
         if config.merge_adapter:
             _merge_at_start(engine, config.merge_adapter, config.merge_method)
     if adapters is not None and config.adapter_watch_seconds > 0:

@@ -63,6 +63,11 @@ class ServerConfig:
                                       "(4-bit again, PEFT's merge: keeps only part of a small update)")
     merge_min_retained: float = _opt(0.5, "warn (log and reply) when a merge keeps less than this share of the "
                                           "adapter's update")
+    auto_merge: bool = _opt(False, "merge the adapter most requests are for into a copy of the weights (dense) "
+                                   "while it dominates, and unmerge when traffic mixes again (the rule: "
+                                   "server/engine/auto_merge.py)")
+    auto_merge_max_wait_seconds: float = _opt(0.5, "with --auto-merge, the longest other requests wait for a step "
+                                                   "while the merged adapter's run")
     native_kernels: bool = _opt(True, "the LoRA ops' C++ CPU kernels (built by make install); off = torch ops")
     lora_fused: bool = _opt(True, "on CUDA, one Triton launch per packed module for every target's LoRA; "
                                   "off = a shrink and an expand per target")
@@ -113,6 +118,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.merge_method not in ("dense", "requantize"):
             raise ValueError(f"merge_method must be dense or requantize, got {self.merge_method!r}")
+        if self.auto_merge and not self.adapter_root_paths():
+            raise ValueError("auto_merge needs adapter_roots")
+        if self.auto_merge_max_wait_seconds <= 0:
+            raise ValueError(f"auto_merge_max_wait_seconds must be positive, got {self.auto_merge_max_wait_seconds}")
         if self.merge_adapter and not self.adapter_root_paths():
             raise ValueError("merge_adapter needs adapter_roots")
         if self.adapter_preload_ids() and not self.adapter_root_paths():

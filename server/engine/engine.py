@@ -48,6 +48,7 @@ class Engine:
         self.eos_ids = eos_ids
         self.adapters = adapters      # an AdapterLoader; None = adapters off
         self.weights = None           # WeightSets: merged adapters' copies of the weights (set by build)
+        self.auto = None              # AutoPlanner with --auto-merge (set by build)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._by_id: dict[str, Sequence] = {}
@@ -251,6 +252,10 @@ class Engine:
         seqs = [seq for seq in (*self.scheduler.running, *self.scheduler.waiting) if not seq.adapter_pending]
         for seq in seqs:
             weights.assign(seq)
+        if self.auto is not None:
+            step, runs, key = self.auto.plan(seqs)
+            if step != "manual":
+                return self._auto_step(step, runs, key)
         sets = {seq.weight_set for seq in seqs}
         for key in weights.rotation(sets) if len(sets) > 1 else sets:
             batch = self.scheduler.schedule((lambda seq, key=key: seq.weight_set == key) if len(sets) > 1 else None)
@@ -260,9 +265,25 @@ class Engine:
                 return batch
         return None
 
+    def _auto_step(self, step, runs, key) -> Batch | None:
+        """Under the lock: the step --auto-merge chose: the merged adapter's requests on its copy, or
+        everyone on the base (also when no merged request can be scheduled now)."""
+        if step is None:
+            return None
+        batch = self.scheduler.schedule(runs) if step == "merged" else None
+        if batch is None:
+            batch, key = self.scheduler.schedule(), None
+        if batch is not None:
+            batch.weight_set = key
+            self.weights.ran(key)
+        return batch
+
     def _run(self, batch: Batch) -> None:
+        started = time.monotonic()
         try:
             sampled = self.runner.step(batch, self.eos_ids)
+            if self.auto is not None and batch.weight_set is not None:
+                self.auto.merged_step_took(time.monotonic() - started)
             error = None
         except Exception as exc:   # a failed step fails its requests, not the engine
             log.exception("step failed for %d sequences", len(batch.seqs))

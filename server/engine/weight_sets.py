@@ -15,6 +15,7 @@ dropped when its last request ends.
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -62,10 +63,15 @@ class WeightSets:
         self._current: Key | None = None                 # the version new requests of the target run on
         self._building = False
         self._last: Key | None = None
+        self._auto_pending = False
+        self.auto = False                 # the current merge was made by --auto-merge: its requests may move
+        self.last_switch = -float("inf")  # monotonic time the last copy was installed or the last unmerge
+        self.last_build_s = 0.0           # seconds the last copy took to build
 
     # ---- administration ----------------------------------------------------------------------------
-    def merge(self, adapter_id: str, method: str) -> Future:
-        """Merges the adapter's current version; the future holds its MergeStatus."""
+    def merge(self, adapter_id: str, method: str, auto: bool = False) -> Future:
+        """Merges the adapter's current version; the future holds its MergeStatus. auto: made by the
+        --auto-merge rule (its requests are not bound to a set; see auto_planner.py)."""
         if method not in METHODS:
             raise InvalidArgumentError("method", f"{method!r} is not a merge method (methods: {', '.join(METHODS)})")
         with self._lock:
@@ -74,6 +80,7 @@ class WeightSets:
             if self._building:
                 raise FailedPreconditionError(f"a merge of {self._target[0]!r} is under way")
             previous, self._target, self._building = self._target, (adapter_id, method), True
+            self._auto_pending = auto
         try:
             return self.build(lambda read: self._merge(read, adapter_id, method, previous))
         except BaseException:
@@ -89,6 +96,7 @@ class WeightSets:
                                               else f"a merge of {self._target[0]!r} is under way")
             current = self._sets.get(self._current)
             self._target = self._current = None
+            self.auto, self.last_switch = False, time.monotonic()
         self.metrics.merge_event("unmerge", current.method, "ok")
         self.between_steps(self.collect)
         return _status(current, "unmerged")
@@ -118,6 +126,8 @@ class WeightSets:
         seq.weight_set_assigned = True
         with self._lock:
             key, target, current = seq.adapter_key, self._target, self._current
+            if self.auto or (self._building and self._auto_pending):   # auto merges bind nobody
+                return
             if key is not None and current is not None and key == current[:2]:
                 seq.weight_set = current
                 self._users[current] += 1
@@ -128,6 +138,12 @@ class WeightSets:
                 return
         if seq.weight_set is None:
             self._remerge(key[0], remerge)
+
+    def current(self) -> tuple[Key | None, str | None, bool]:
+        """(the merged copy new requests use or None, the adapter merged or being merged or None, whether
+        its copy is being built)."""
+        with self._lock:
+            return self._current, self._target[0] if self._target else None, self._building
 
     def release(self, seq) -> None:
         """The request ended: it no longer holds its merged copy (once dropped, collect frees it)."""
@@ -192,6 +208,7 @@ class WeightSets:
         with self._lock:
             self._sets[merged.key] = merged
             self._current, self._building = merged.key, False
+            self.auto, self.last_switch, self.last_build_s = self._auto_pending, time.monotonic(), merged.seconds
         self.collect()
 
     def _merge_failed(self, previous, method: str) -> None:
