@@ -122,6 +122,21 @@ def dora_weights_before_packing(model):
         yield
 
 
+def as_the_fused_kernel_scales(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes' fused kernel (ours, and PEFT's model once it runs) multiplies
+    by bf16-rounded block scales. A merge dequantizes first: with this, PEFT's merge starts from the base
+    weights the server multiplies by, as our requantize does (else ~0.1% of the merged codes differ by one
+    step: tests/test_merge.py). Elsewhere the scales stay float32 and this does nothing."""
+    import bitsandbytes as bnb
+
+    if not bnb.functional.has_avx512bf16():
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            state.absmax = state.absmax.to(torch.bfloat16).float()
+
+
 def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int, merged: bool = False) -> list[int]:
     """PEFT's greedy tokens with one adapter (None: the base) on the NF4 base, exactly `new_tokens` of them;
     merged: after PEFT's merge_and_unload (the adapter quantized into the 4-bit weights)."""
@@ -131,6 +146,8 @@ def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int, merged: 
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
     with dora_weights_before_packing(model), torch.inference_mode():
         if adapter_dir is not None:
+            if merged:
+                as_the_fused_kernel_scales(model)
             model = PeftModel.from_pretrained(model, adapter_dir)
             if merged:
                 model = model.merge_and_unload()

@@ -38,6 +38,8 @@ def peft_answer(base_dir, adapter_dir, ids, merged: bool):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
     with adapter_kinds.dora_weights_before_packing(model), torch.inference_mode():
+        if merged:
+            adapter_kinds.as_the_fused_kernel_scales(model)
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merged:
             model = model.merge_and_unload()

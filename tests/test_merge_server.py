@@ -1,8 +1,10 @@
 """Merging an adapter into the weights on a running server (a tiny Llama), over the AdapterService.
 
 Oracles: PEFT on the NF4 base. A `requantize` merge answers as PEFT's merge_and_unload model, a `dense`
-merge as PEFT's unmerged adapter, both exactly (greedy, a fixed number of tokens: on this tiny model the
-top two logits are never within the rounding a merge changes; the per-token logprob gap is asserted too).
+merge as PEFT's unmerged adapter, both exactly (greedy, a fixed number of tokens). On a CPU with
+AVX512-BF16 PEFT merges into the base weights the fused kernel multiplies by (bf16 block scales:
+adapter_kinds.as_the_fused_kernel_scales), so its merged codes are ours; a dense merge differs from the
+unmerged adapter by float rounding only, asserted on the logprobs too (< 1e-3 nats).
 A stream of requests across merges and unmerges never fails, and each answer is the oracle of the weights
 it ran on; bad merge requests get their status and disturb nothing."""
 
@@ -198,3 +200,29 @@ def test_merge_at_start_before_serving(tiny_model_dir, root, oracle):
         assert greedy(Client(server.target), "d")[0] == oracle[("d", True)]
     finally:
         server.close()
+
+
+def test_a_new_version_of_the_merged_adapter_is_merged_again(server, tiny_model_dir, root, tmp_path):
+    """Its first request runs through the LoRA path and has it merged again; the old copy is dropped."""
+    admin, client = AdapterAdmin(server.target), Client(server.target)
+    ids = list(client.tokenize(PROMPT).token_ids)
+    adapter_kinds.lora(tiny_model_dir, root / "v", factor=3.0, seed=5)
+    adapter_kinds.lora(tiny_model_dir, tmp_path / "v2", factor=3.0, seed=6)
+    assert admin.merge("v", "requantize").version == 1
+    assert greedy(client, "v")[0] == adapter_kinds.peft_greedy(tiny_model_dir, root / "v", ids, NEW, merged=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (root / "v" / name).write_bytes((tmp_path / "v2" / name).read_bytes())
+    try:
+        assert admin.load("v").version == 2
+        assert greedy(client, "v")[0] == adapter_kinds.peft_greedy(tiny_model_dir, root / "v", ids, NEW)
+        deadline = time.monotonic() + 60
+        while (admin.get("v").merge.version, admin.get("v").merge.state) != (2, "MERGED"):
+            assert time.monotonic() < deadline, admin.get("v")
+            time.sleep(0.05)
+        assert admin.get("v").merge.method == "REQUANTIZE"
+        merged_v2 = adapter_kinds.peft_greedy(tiny_model_dir, root / "v", ids, NEW, merged=True)
+        assert greedy(client, "v")[0] == merged_v2
+        greedy(client, "")                                 # a step after which the loop drops the old copy
+        assert server.engine.weights.memory() == admin.get("v").merge.size_bytes
+    finally:
+        admin.unmerge()
