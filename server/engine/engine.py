@@ -22,6 +22,7 @@ from .request import GenerationRequest
 from .runner import ModelRunner
 from .scheduler import Batch, Scheduler
 from .sequence import RequestOutput, Sequence, Sink, Status, StopReason, TokenInfo
+from .step_choice import next_batch
 from .stopping import TextTracker
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class Engine:
                     return
                 failed = self._bind_ready()
                 chore = self.chores.take()
-                batch = self._schedule() if self.scheduler.has_work() else None
+                batch = next_batch(self.scheduler, self.weights, self.auto) if self.scheduler.has_work() else None
                 self.runner.move_kv(*self.scheduler.take_kv_moves())
                 if batch is None and chore is None:   # only requests waiting for their adapter: the loader wakes us
                     self._wake.wait(0.05)
@@ -241,42 +242,6 @@ class Engine:
             if batch is not None:
                 self.metrics.step(batch.prefill, batch.seqs)
                 self._run(batch)
-
-    def _schedule(self) -> Batch | None:
-        """Under the lock: the next step. With merges, each request's weight set is fixed when it is first
-        seen, and a step runs on one set, the sets with work taking turns (weight_sets.py)."""
-        weights = self.weights
-        if weights is None:
-            return self.scheduler.schedule()
-        weights.collect()
-        seqs = [seq for seq in (*self.scheduler.running, *self.scheduler.waiting) if not seq.adapter_pending]
-        for seq in seqs:
-            weights.assign(seq)
-        if self.auto is not None:
-            step, runs, key = self.auto.plan(seqs)
-            if step != "manual":
-                return self._auto_step(step, runs, key)
-        sets = {seq.weight_set for seq in seqs}
-        for key in weights.rotation(sets) if len(sets) > 1 else sets:
-            batch = self.scheduler.schedule((lambda seq, key=key: seq.weight_set == key) if len(sets) > 1 else None)
-            if batch is not None:
-                batch.weight_set = key
-                weights.ran(key)
-                return batch
-        return None
-
-    def _auto_step(self, step, runs, key) -> Batch | None:
-        """Under the lock: the step --auto-merge chose: the merged adapter's requests on its copy, or
-        everyone on the base (also when no merged request can be scheduled now)."""
-        if step is None:
-            return None
-        batch = self.scheduler.schedule(runs) if step == "merged" else None
-        if batch is None:
-            batch, key = self.scheduler.schedule(), None
-        if batch is not None:
-            batch.weight_set = key
-            self.weights.ran(key)
-        return batch
 
     def _run(self, batch: Batch) -> None:
         started = time.monotonic()

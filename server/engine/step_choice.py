@@ -1,0 +1,42 @@
+"""Which sequences the next step runs, and on which weights: the scheduler's choice, one weight set at a
+time when an adapter is merged (weight_sets.py), by the --auto-merge rule when that is on (auto_planner.py).
+Called by the engine's loop under its lock."""
+
+from .scheduler import Batch, Scheduler
+
+
+def next_batch(scheduler: Scheduler, weights, auto) -> Batch | None:
+    """weights: the engine's WeightSets (None: adapters off); auto: its AutoPlanner or None. With merges,
+    each request's weight set is fixed when it is first seen, and the sets with work take turns."""
+    if weights is None:
+        return scheduler.schedule()
+    weights.collect()
+    seqs = [seq for seq in (*scheduler.running, *scheduler.waiting) if not seq.adapter_pending]
+    for seq in seqs:
+        weights.assign(seq)
+    if auto is not None:
+        step, runs, key = auto.plan(seqs)
+        if step != "manual":
+            return _auto_step(scheduler, weights, step, runs, key)
+    sets = {seq.weight_set for seq in seqs}
+    for key in weights.rotation(sets) if len(sets) > 1 else sets:
+        batch = scheduler.schedule((lambda seq, key=key: seq.weight_set == key) if len(sets) > 1 else None)
+        if batch is not None:
+            batch.weight_set = key
+            weights.ran(key)
+            return batch
+    return None
+
+
+def _auto_step(scheduler: Scheduler, weights, step, runs, key) -> Batch | None:
+    """The step --auto-merge chose: the merged adapter's requests on its copy, or everyone on the base
+    (also when no merged request can be scheduled now)."""
+    if step is None:
+        return None
+    batch = scheduler.schedule(runs) if step == "merged" else None
+    if batch is None:
+        batch, key = scheduler.schedule(), None
+    if batch is not None:
+        batch.weight_set = key
+        weights.ran(key)
+    return batch
