@@ -7,18 +7,14 @@ cold load of one adapter of each kind (read, DoRA's norms over the dequantized b
 Writes kinds.json and kinds.png.
 """
 
-import argparse
 import dataclasses
 import datetime
-import json
 import logging
-import os
 import pathlib
 import sys
-import tempfile
 import time
 
-from . import machine
+from . import machine, one_run
 from .adapter_files import make_peft_adapters
 from .adapters_bench import Settings, engine_running, ours_decode
 from .engine_bench import isolated, measure
@@ -77,24 +73,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loraplex.bench.kinds_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="4 adapters, 8 tokens, one round; to a temp dir")
-    p.add_argument("--out", help="folder for kinds.json/png [docs/benchmarks]")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    s = Settings(adapters=4, new_tokens=8, wait_quiet=False) if args.quick else Settings()
-    rounds = 1 if args.quick else args.rounds
-    out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-kinds-quick") if args.quick
-                                    else "docs/benchmarks"))
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="loraplex-kinds-") as tmp:
-        result = run(s, pathlib.Path(tmp), rounds)
-    (out / "kinds.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "kinds.png")
-    print(json.dumps({k: result[k] for k in ("tok_s", "vs_base", "vs_lora", "lora_load_ms", "dora_load_ms")},
-                     indent=1))
-    return 0
+    return one_run.main(argv, "python -m loraplex.bench.kinds_bench", __doc__, "kinds", run, plot, ("tok_s", "vs_base", "vs_lora", "lora_load_ms", "dora_load_ms"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Callable
 
 from .auto_merge import BASE, AutoMergeSettings, QueueView, decide
-from .weight_sets import WeightSets
+from .weight_sets import WeightSets, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,9 @@ class AutoPlanner:
         try:
             if decision.action == "merge":
                 log.info("auto-merge: merging %s (%s)", decision.adapter_id, decision.reason)
-                self.weights.merge(decision.adapter_id, METHOD, auto=True).add_done_callback(_log_failure)
+                self.weights.merge(decision.adapter_id, METHOD, auto=True).add_done_callback(log_failure)
             elif decision.action == "unmerge":
                 log.info("auto-merge: unmerging (%s)", decision.reason)
                 self.weights.unmerge()
         except Exception:   # noqa: BLE001 - a merge by hand got there first: the rule steps aside
             log.debug("auto-merge: %s not done", decision.action, exc_info=True)
-
-
-def _log_failure(future) -> None:
-    if future.exception() is not None:
-        log.warning("auto-merge failed: %s", future.exception())

@@ -124,19 +124,18 @@ class WeightSets:
         if seq.weight_set_assigned or seq.adapter_pending:
             return
         seq.weight_set_assigned = True
+        key, remerge = seq.adapter_key, None
         with self._lock:
-            key, target, current = seq.adapter_key, self._target, self._current
-            if self.auto or (self._building and self._auto_pending):   # auto merges bind nobody
+            target, current = self._target, self._current
+            if key is None or self.auto or (self._building and self._auto_pending):   # auto merges bind nobody
                 return
-            if key is not None and current is not None and key == current[:2]:
+            if current is not None and key == current[:2]:
                 seq.weight_set = current
                 self._users[current] += 1
-            elif (key is not None and target is not None and key[0] == target[0] and not self._building
+            elif (target is not None and key[0] == target[0] and not self._building
                   and (current is None or key[1] > current[1])):
-                remerge = target[1]
-            else:
-                return
-        if seq.weight_set is None:
+                remerge = target[1]                       # a newer version of the merged adapter
+        if remerge is not None:
             self._remerge(key[0], remerge)
 
     def current(self) -> tuple[Key | None, str | None, bool]:
@@ -151,11 +150,6 @@ class WeightSets:
             with self._lock:
                 self._users[seq.weight_set] -= 1
             seq.weight_set = None
-
-    def active(self) -> bool:
-        """Whether any merged copy is installed (steps must choose a set)."""
-        with self._lock:
-            return bool(self._sets)
 
     def rotation(self, keys: set) -> list:
         """The sets with work, in the order to try them this step: the one after the last step's first, so
@@ -219,7 +213,7 @@ class WeightSets:
 
     def _remerge(self, adapter_id: str, method: str) -> None:
         try:
-            self.merge(adapter_id, method).add_done_callback(_log_failure)
+            self.merge(adapter_id, method).add_done_callback(log_failure)
         except Exception:   # noqa: BLE001 - another merge got there first
             log.debug("re-merge of %s not started", adapter_id, exc_info=True)
 
@@ -235,6 +229,7 @@ def _status(merged: MergedWeights, state: str, warning: str = "") -> MergeStatus
                        merged.nbytes, merged.seconds, warning)
 
 
-def _log_failure(future: Future) -> None:
+def log_failure(future: Future) -> None:
+    """A done-callback for merges nobody waits on (a new version's, auto-merge's): logs a failure."""
     if future.exception() is not None:
-        log.error("merging a new version failed: %s", future.exception())
+        log.error("a merge failed: %s", future.exception())
