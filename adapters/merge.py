@@ -27,6 +27,7 @@ from ..server.model.row_padding import RowPadded
 from .canonical import Adapter
 
 METHODS = ("dense", "requantize")
+MOVABLE = ("dense",)      # methods whose merged copy computes what the LoRA path does (up to rounding)
 
 
 @dataclass(frozen=True)

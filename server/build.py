@@ -86,7 +86,8 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
             from .engine.auto_merge import AutoMergeSettings
             from .engine.auto_planner import AutoPlanner
 
-            engine.auto = AutoPlanner(engine.weights, AutoMergeSettings(max_wait_s=config.auto_merge_max_wait_seconds))
+            settings = AutoMergeSettings(max_wait_s=config.auto_merge_max_wait_seconds)
+            engine.auto = AutoPlanner(engine.weights, settings, config.merge_method)
         if config.merge_adapter:
             _merge_at_start(engine, config.merge_adapter, config.merge_method)
     if adapters is not None and config.adapter_watch_seconds > 0:

@@ -58,12 +58,14 @@ class ServerConfig:
                                                     "60 s plus the largest legal adapter at 5 MB/s")
     merge_adapter: str = _opt("", "adapter id to merge into a copy of the weights at start-up, before SERVING "
                                   "(its requests then run with no LoRA work; others' keep being served)")
-    merge_method: str = _opt("dense", "how --merge-adapter (and a merge request that names none) merges: dense "
+    merge_method: str = _opt("dense", "how --merge-adapter, --auto-merge and a merge request that names none "
+                                      "merge: dense "
                                       "(merged layers in the compute dtype, equal to the adapter) or requantize "
                                       "(4-bit again, PEFT's merge: keeps only part of a small update)")
     merge_min_retained: float = _opt(0.5, "warn (log and reply) when a merge keeps less than this share of the "
                                           "adapter's update")
-    auto_merge: bool = _opt(False, "merge the adapter most requests are for into a copy of the weights (dense) "
+    auto_merge: bool = _opt(False, "merge the adapter most requests are for into a copy of the weights "
+                                   "(--merge-method) "
                                    "while it dominates, and unmerge when traffic mixes again (the rule: "
                                    "server/engine/auto_merge.py)")
     auto_merge_max_wait_seconds: float = _opt(0.5, "with --auto-merge, the longest other requests wait for a step "

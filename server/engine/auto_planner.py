@@ -1,12 +1,16 @@
 """--auto-merge on the engine's loop: each step, the queue as auto_merge.decide sees it, and its decision
 carried out (a merge started, an unmerge, and which requests the step runs).
 
-A merge made here uses `dense`, so the merged adapter's requests are bound to no set: a merged step runs
-those of its current version on the merged copy, a base step runs everyone (them through the LoRA path).
-The rule's switch cost is the last measured build time. The rule sees each adapter's count of runnable
-requests averaged over the last SMOOTH_S seconds: the instant counts swing with every request that ends
-(measured on a tiny model at 90% of the traffic on one adapter: 20 merges and unmerges in 13 s on instant
-counts). While an adapter is merged by hand, the rule stays out of the way.
+The method is the server's --merge-method, `dense` unless `requantize` is asked for. A `dense` copy computes
+what the LoRA path does, so the merged adapter's requests are bound to no set: a merged step runs those of
+its current version on the copy, a base step runs everyone (them through the LoRA path). A `requantize` copy
+answers differently, so each request keeps the set it started on (weight_sets.assign): a merged step runs
+the requests bound to the copy, a base step the unbound ones, and a set whose requests have waited past the
+bound gets the step (the copy's requests after an unmerge, say). The rule's switch cost is the last measured
+build time. The rule sees each adapter's count of runnable requests averaged over the last SMOOTH_S seconds:
+the instant counts swing with every request that ends (measured on a tiny model at 90% of the traffic on one
+adapter: 20 merges and unmerges in 13 s on instant counts). While an adapter is merged by hand, the rule
+stays out of the way.
 """
 
 import logging
@@ -20,39 +24,58 @@ from .weight_sets import WeightSets, log_failure
 
 log = logging.getLogger(__name__)
 
-METHOD = "dense"
 STEP_EMA = 0.2          # weight of the newest merged step in the expected merged-step time
 SMOOTH_S = 1.0          # time constant of the averaged counts the rule sees
 
 
 class AutoPlanner:
-    def __init__(self, weights: WeightSets, settings: AutoMergeSettings = AutoMergeSettings()):
+    def __init__(self, weights: WeightSets, settings: AutoMergeSettings = AutoMergeSettings(), method: str = "dense"):
         self.weights = weights
         self.settings = settings
+        self.method = method
         self.step_s = 0.0                  # expected time of a merged step (moving average)
         self.longest_other_wait = 0.0      # the longest any request waited for a step while one was merged
         self._counts: dict[str, float] = {}   # runnable requests per adapter, averaged over SMOOTH_S
         self._seen = None                  # time of the last plan
 
-    def plan(self, seqs: list, now: float | None = None) -> tuple[str | None, Callable | None, tuple | None]:
-        """For the runnable `seqs`: (which step, "merged" / "base" / None for none, the filter of its
-        sequences, the weight set key)."""
+    def plan(self, seqs: list, now: float | None = None) -> tuple[str | None, Callable | None, tuple | None] | None:
+        """For the runnable `seqs`: (which step, "merged" / "base" / None for none; the filter of its
+        sequences; the weight set key), or None while an adapter is merged by hand (fixed sets)."""
         now = time.monotonic() if now is None else now
         current, merged, building = self.weights.current()
         if merged is not None and not self.weights.auto and not building:
-            return "manual", None, None                        # a merge by hand: fixed sets
-        on_copy = (lambda seq: current is not None and seq.adapter_key == current[:2])
-        others = [seq for seq in seqs if not on_copy(seq)]
-        wait = max((now - (seq.last_token_time or seq.arrival) for seq in others), default=0.0)
+            return None
+        movable = self.weights.movable
+
+        def on_copy(seq) -> bool:
+            if current is None:
+                return False
+            return seq.weight_set == current or (movable and seq.adapter_key == current[:2])
+
+        wait = max((_waited(seq, now) for seq in seqs if not on_copy(seq)), default=0.0)
         if merged is not None:
             self.longest_other_wait = max(self.longest_other_wait, wait)
         settings = replace(self.settings, switch_cost_s=self.weights.last_build_s)
         decision = decide(QueueView(self._smoothed(seqs, now), merged, building, wait, self.step_s, now,
                                     self.weights.last_switch), settings)
         self._act(decision)
-        if decision.step == "merged" and current is not None and self.weights.auto:
-            return "merged", on_copy, current
-        return decision.step, None, None
+        if decision.step is None:
+            return None, None, None
+        key = current if decision.step == "merged" and current is not None and self.weights.auto else None
+        key = self._starving(seqs, key, now)
+        if key is None:
+            return "base", (lambda seq: seq.weight_set is None), None
+        return "merged", (on_copy if key == current else (lambda seq: seq.weight_set == key)), key
+
+    def _starving(self, seqs: list, key, now: float):
+        """The set to run: `key`, unless requests bound to another merged copy have waited past the bound
+        (the one waiting longest then). The base's wait is the rule's."""
+        waits: dict = {}
+        for seq in seqs:
+            if seq.weight_set is not None and seq.weight_set != key:
+                waits[seq.weight_set] = max(waits.get(seq.weight_set, 0.0), _waited(seq, now))
+        late = max(waits, key=waits.get, default=key)
+        return late if waits.get(late, 0.0) >= self.settings.max_wait_s else key
 
     def _smoothed(self, seqs: list, now: float) -> dict[str, float]:
         counts: dict[str, int] = {}
@@ -76,9 +99,14 @@ class AutoPlanner:
         try:
             if decision.action == "merge":
                 log.info("auto-merge: merging %s (%s)", decision.adapter_id, decision.reason)
-                self.weights.merge(decision.adapter_id, METHOD, auto=True).add_done_callback(log_failure)
+                self.weights.merge(decision.adapter_id, self.method, auto=True).add_done_callback(log_failure)
             elif decision.action == "unmerge":
                 log.info("auto-merge: unmerging (%s)", decision.reason)
                 self.weights.unmerge()
         except Exception:   # noqa: BLE001 - a merge by hand got there first: the rule steps aside
             log.debug("auto-merge: %s not done", decision.action, exc_info=True)
+
+
+def _waited(seq, now: float) -> float:
+    """Seconds since the request's last token (or its arrival)."""
+    return now - (seq.last_token_time or seq.arrival)

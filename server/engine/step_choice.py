@@ -7,7 +7,9 @@ from .scheduler import Batch, Scheduler
 
 def next_batch(scheduler: Scheduler, weights, auto) -> Batch | None:
     """weights: the engine's WeightSets (None: adapters off); auto: its AutoPlanner or None. With merges,
-    each request's weight set is fixed when it is first seen, and the sets with work take turns."""
+    each request's weight set is fixed when it is first seen, and the sets with work take turns; the
+    --auto-merge rule picks the set instead, and when its choice has nothing to run now, the sets take
+    turns."""
     if weights is None:
         return scheduler.schedule()
     weights.collect()
@@ -15,28 +17,23 @@ def next_batch(scheduler: Scheduler, weights, auto) -> Batch | None:
     for seq in seqs:
         weights.assign(seq)
     if auto is not None:
-        step, runs, key = auto.plan(seqs)
-        if step != "manual":
-            return _auto_step(scheduler, weights, step, runs, key)
+        choice = auto.plan(seqs)
+        if choice is not None and choice[0] is None:
+            return None
+        if choice is not None:
+            _, runs, key = choice
+            batch = scheduler.schedule(runs)
+            if batch is not None:
+                return _ran(batch, weights, key)
     sets = {seq.weight_set for seq in seqs}
     for key in weights.rotation(sets) if len(sets) > 1 else sets:
         batch = scheduler.schedule((lambda seq, key=key: seq.weight_set == key) if len(sets) > 1 else None)
         if batch is not None:
-            batch.weight_set = key
-            weights.ran(key)
-            return batch
+            return _ran(batch, weights, key)
     return None
 
 
-def _auto_step(scheduler: Scheduler, weights, step, runs, key) -> Batch | None:
-    """The step --auto-merge chose: the merged adapter's requests on its copy, or everyone on the base
-    (also when no merged request can be scheduled now)."""
-    if step is None:
-        return None
-    batch = scheduler.schedule(runs) if step == "merged" else None
-    if batch is None:
-        batch, key = scheduler.schedule(), None
-    if batch is not None:
-        batch.weight_set = key
-        weights.ran(key)
+def _ran(batch: Batch, weights, key) -> Batch:
+    batch.weight_set = key
+    weights.ran(key)
     return batch

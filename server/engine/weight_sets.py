@@ -64,14 +64,15 @@ class WeightSets:
         self._building = False
         self._last: Key | None = None
         self._auto_pending = False
-        self.auto = False                 # the current merge was made by --auto-merge: its requests may move
+        self.auto = False                 # the current merge was made by --auto-merge
+        self.movable = False              # ... with a method equal to the adapter: its requests are not bound
         self.last_switch = -float("inf")  # monotonic time the last copy was installed or the last unmerge
         self.last_build_s = 0.0           # seconds the last copy took to build
 
     # ---- administration ----------------------------------------------------------------------------
     def merge(self, adapter_id: str, method: str, auto: bool = False) -> Future:
         """Merges the adapter's current version; the future holds its MergeStatus. auto: made by the
-        --auto-merge rule (its requests are not bound to a set; see auto_planner.py)."""
+        --auto-merge rule (with `dense`, its requests are not bound to a set; see auto_planner.py)."""
         if method not in METHODS:
             raise InvalidArgumentError("method", f"{method!r} is not a merge method (methods: {', '.join(METHODS)})")
         with self._lock:
@@ -96,7 +97,8 @@ class WeightSets:
                                               else f"a merge of {self._target[0]!r} is under way")
             current = self._sets.get(self._current)
             self._target = self._current = None
-            self.auto, self.last_switch = False, time.monotonic()
+            self.auto = self.movable = False
+            self.last_switch = time.monotonic()
         self.metrics.merge_event("unmerge", current.method, "ok")
         self.between_steps(self.collect)
         return _status(current, "unmerged")
@@ -127,7 +129,8 @@ class WeightSets:
         key, remerge = seq.adapter_key, None
         with self._lock:
             target, current = self._target, self._current
-            if key is None or self.auto or (self._building and self._auto_pending):   # auto merges bind nobody
+            if key is None or self.movable or (self._building and self._auto_pending
+                                               and self._target[1] in merge.MOVABLE):   # they bind nobody
                 return
             if current is not None and key == current[:2]:
                 seq.weight_set = current
@@ -202,7 +205,8 @@ class WeightSets:
         with self._lock:
             self._sets[merged.key] = merged
             self._current, self._building = merged.key, False
-            self.auto, self.last_switch, self.last_build_s = self._auto_pending, time.monotonic(), merged.seconds
+            self.auto, self.movable = self._auto_pending, self._auto_pending and merged.method in merge.MOVABLE
+            self.last_switch, self.last_build_s = time.monotonic(), merged.seconds
         self.collect()
 
     def _merge_failed(self, previous, method: str) -> None:
