@@ -56,6 +56,12 @@ CASES = [
      dataclasses.replace(S, switch_cost_s=0.0), MERGE_A),
     ("larger measured cost, longer cooldown", v({"a": 9, "b": 1}, last_switch_s=99.0),
      dataclasses.replace(S, switch_cost_s=0.2), KEEP_BASE),
+    # a merge that did not pay: unmerged, and no merge while the hold is on
+    ("merged steps slower: unmerge", v({"a": 9, "b": 1}, "a", merged_slower=True), S, UNMERGE),
+    ("merged steps slower, even alone: unmerge", v({"a": 9}, "a", merged_slower=True), S, UNMERGE),
+    ("hold blocks a merge", v({"a": 9, "b": 1}, hold_until_s=100.5), S, KEEP_BASE),
+    ("hold over", v({"a": 9, "b": 1}, hold_until_s=100.0), S, MERGE_A),
+    ("a hold does not block an unmerge", v({"a": 4, "b": 3, "c": 3}, "a", hold_until_s=200.0), S, UNMERGE),
     ("cooldown does not hold a merge", v({"a": 4, "b": 3, "c": 3}, "a", last_switch_s=100.0), S, UNMERGE),
     # a merge being built: keep, base steps, no second merge, no unmerge
     ("building, dominant", v({"a": 9, "b": 1}, "a", building=True), S, KEEP_BASE),
@@ -133,3 +139,22 @@ def test_trace_merges_unmerges_and_merges_again():
     assert t_unmerge + cooldown <= t_again < t_unmerge + cooldown + base_dt   # after the cooldown, at once
     assert max(waits) <= s.max_wait_s + 1e-9                    # nobody waited past the bound
     assert steps["merged"] > 3 * steps["base"]                  # yet most steps ran on the merged copy
+
+
+def test_a_merge_is_judged_by_its_decode_steps_against_the_bases_of_the_same_size():
+    from loraplex.server.engine.auto_planner import JUDGE_STEPS, StepTimes
+
+    times, copy = StepTimes(), ("a", 1, "dense")
+    for _ in range(3):
+        times.took(None, 16, 0.10)
+        times.took(None, 8, 0.05)
+    for _ in range(JUDGE_STEPS - 1):
+        times.took(copy, 16, 0.15)
+        times.took(copy, 3, 0.01)          # a size the base never ran: not compared
+    assert not times.slower(copy)          # not judged before JUDGE_STEPS comparisons
+    times.took(copy, 16, 0.15)
+    assert times.slower(copy) and not times.slower(("b", 1, "dense"))
+    faster = ("a", 2, "dense")             # a new copy starts a new judgement
+    for _ in range(JUDGE_STEPS):
+        times.took(faster, 8, 0.04)
+    assert not times.slower(faster) and not times.slower(copy)

@@ -16,8 +16,11 @@ requests ("") included; the base model is never merged.
    - share >= enter_share and it has at least min_requests runnable requests,
    - the switch cost is paid for: at least cooldown_factor x switch_cost_s since the last switch
      (a merge ready or an unmerge). So two merges start at least that far apart and building copies
-     takes at most 1/cooldown_factor of the time, however the traffic flaps.
-4. Merged: unmerge when the merged adapter's share < exit_share (base step). Otherwise keep; the step is
+     takes at most 1/cooldown_factor of the time, however the traffic flaps,
+   - no hold is on (hold_until_s: set by the caller after a merge that did not pay).
+4. Merged: unmerge when the merged adapter's share < exit_share, or when its merged steps were measured
+   slower than base steps of the same size (a dense float copy can be slower than the 4-bit base's
+   kernel; base step). Otherwise keep; the step is
    - "merged" when every runnable request is the merged adapter's,
    - "base" when the others would otherwise wait past max_wait_s: their longest wait since their last
      step plus the next merged step's expected time reaches max_wait_s (this bound is dLoRA's credit:
@@ -61,6 +64,8 @@ class QueueView:
     step_s: float = 0.0              # expected time of the next merged step
     now_s: float = 0.0
     last_switch_s: float = -math.inf  # when the last merge became ready or the last unmerge happened
+    merged_slower: bool = False      # the merged copy's steps were measured slower than the base's
+    hold_until_s: float = -math.inf  # no merge before this
 
 
 @dataclass(frozen=True)
@@ -93,11 +98,15 @@ def decide(view: QueueView, s: AutoMergeSettings) -> Decision:
             return Decision("keep", "base", reason="too few requests")
         if view.now_s - view.last_switch_s < s.cooldown_factor * s.switch_cost_s:
             return Decision("keep", "base", reason="cooldown")
+        if view.now_s < view.hold_until_s:
+            return Decision("keep", "base", reason="held: merging did not pay")
         return Decision("merge", "base", tops[0], reason="dominant")
 
     mine = counts.get(view.merged, 0)
     if mine / total < s.exit_share:
         return Decision("unmerge", "base", reason="share below exit")
+    if view.merged_slower:
+        return Decision("unmerge", "base", reason="merged steps slower")
     if mine == total:
         return Decision("keep", "merged", reason="merged only")
     if view.other_wait_s + view.step_s >= s.max_wait_s:

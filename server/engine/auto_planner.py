@@ -11,10 +11,17 @@ build time. The rule sees each adapter's count of runnable requests averaged ove
 the instant counts swing with every request that ends (measured on a tiny model at 90% of the traffic on one
 adapter: 20 merges and unmerges in 13 s on instant counts). While an adapter is merged by hand, the rule
 stays out of the way.
+
+A merge must pay: each merged decode step is timed against the base's decode steps of the same batch size
+(StepTimes). When the median of the first JUDGE_STEPS is not faster, the copy is dropped and no merge
+starts for HOLD_S seconds, twice that after the next such merge, and so on (measured on a 2-core CPU with
+AVX512-BF16: a float32 dense copy decodes a batch of 16 at 0.67x the LoRA path's speed, the fused 4-bit
+kernel being faster than a float32 GEMM there; docs/benchmarks-adapters.md).
 """
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import replace
 from typing import Callable
@@ -26,6 +33,32 @@ log = logging.getLogger(__name__)
 
 STEP_EMA = 0.2          # weight of the newest merged step in the expected merged-step time
 SMOOTH_S = 1.0          # time constant of the averaged counts the rule sees
+JUDGE_STEPS = 16        # merged decode steps compared with the base's before a merge is judged
+HOLD_S = 60.0           # no merge for this long after the first merge that did not pay; doubled each time
+
+
+class StepTimes:
+    """Decode step times on the base by batch size (moving averages), and each merged decode step's time
+    over the base's at its size since the current copy was installed."""
+
+    def __init__(self):
+        self.base: dict[int, float] = {}
+        self.ratios: list[float] = []
+        self.copy = None           # the copy the ratios are for
+
+    def took(self, key, rows: int, seconds: float) -> None:
+        if key is None:
+            old = self.base.get(rows)
+            self.base[rows] = seconds if old is None else (1 - STEP_EMA) * old + STEP_EMA * seconds
+            return
+        if key != self.copy:
+            self.copy, self.ratios = key, []
+        if rows in self.base and len(self.ratios) < JUDGE_STEPS:
+            self.ratios.append(seconds / self.base[rows])
+
+    def slower(self, key) -> bool:
+        """The copy `key` was measured no faster than the base (its first JUDGE_STEPS decode steps)."""
+        return key == self.copy and len(self.ratios) >= JUDGE_STEPS and statistics.median(self.ratios) >= 1.0
 
 
 class AutoPlanner:
@@ -37,6 +70,9 @@ class AutoPlanner:
         self.longest_other_wait = 0.0      # the longest any request waited for a step while one was merged
         self._counts: dict[str, float] = {}   # runnable requests per adapter, averaged over SMOOTH_S
         self._seen = None                  # time of the last plan
+        self.times = StepTimes()
+        self.holds = 0                     # merges dropped for not paying
+        self.hold_until = -math.inf
 
     def plan(self, seqs: list, now: float | None = None) -> tuple[str | None, Callable | None, tuple | None] | None:
         """For the runnable `seqs`: (which step, "merged" / "base" / None for none; the filter of its
@@ -56,9 +92,10 @@ class AutoPlanner:
         if merged is not None:
             self.longest_other_wait = max(self.longest_other_wait, wait)
         settings = replace(self.settings, switch_cost_s=self.weights.last_build_s)
+        slower = current is not None and self.weights.auto and self.times.slower(current)
         decision = decide(QueueView(self._smoothed(seqs, now), merged, building, wait, self.step_s, now,
-                                    self.weights.last_switch), settings)
-        self._act(decision)
+                                    self.weights.last_switch, slower, self.hold_until), settings)
+        self._act(decision, now)
         if decision.step is None:
             return None, None, None
         key = current if decision.step == "merged" and current is not None and self.weights.auto else None
@@ -92,10 +129,14 @@ class AutoPlanner:
                 self._counts[adapter] = value
         return {adapter: value for adapter, value in self._counts.items()} if seqs else {}
 
-    def merged_step_took(self, seconds: float) -> None:
-        self.step_s = seconds if self.step_s == 0 else (1 - STEP_EMA) * self.step_s + STEP_EMA * seconds
+    def step_took(self, batch, seconds: float) -> None:
+        """Called by the loop after each step."""
+        if batch.weight_set is not None:
+            self.step_s = seconds if self.step_s == 0 else (1 - STEP_EMA) * self.step_s + STEP_EMA * seconds
+        if not batch.prefill:
+            self.times.took(batch.weight_set, len(batch.seqs), seconds)
 
-    def _act(self, decision) -> None:
+    def _act(self, decision, now: float) -> None:
         try:
             if decision.action == "merge":
                 log.info("auto-merge: merging %s (%s)", decision.adapter_id, decision.reason)
@@ -103,8 +144,16 @@ class AutoPlanner:
             elif decision.action == "unmerge":
                 log.info("auto-merge: unmerging (%s)", decision.reason)
                 self.weights.unmerge()
+                if decision.reason == "merged steps slower":
+                    self._hold(now)
         except Exception:   # noqa: BLE001 - a merge by hand got there first: the rule steps aside
             log.debug("auto-merge: %s not done", decision.action, exc_info=True)
+
+    def _hold(self, now: float) -> None:
+        self.hold_until, self.holds = now + HOLD_S * 2 ** self.holds, self.holds + 1
+        log.warning("auto-merge: the %s copy's decode steps took %.2fx the base's at the same batch sizes "
+                    "(median of %d); no merge for %.0f s", self.method, statistics.median(self.times.ratios),
+                    len(self.times.ratios), self.hold_until - now)
 
 
 def _waited(seq, now: float) -> float:

@@ -247,8 +247,8 @@ class Engine:
         started = time.monotonic()
         try:
             sampled = self.runner.step(batch, self.eos_ids)
-            if self.auto is not None and batch.weight_set is not None:
-                self.auto.merged_step_took(time.monotonic() - started)
+            if self.auto is not None:
+                self.auto.step_took(batch, time.monotonic() - started)
             error = None
         except Exception as exc:   # a failed step fails its requests, not the engine
             log.exception("step failed for %d sequences", len(batch.seqs))
