@@ -83,12 +83,15 @@ TUNABLE = ("device", "dtype", "adapters", "rank", "prompt_tokens", "new_tokens",
 
 # ---- our engine --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings, lora_fused: bool = True):
+def engine_running(root: pathlib.Path | None, slots: int, rank: int, s: Settings, lora_fused: bool = True,
+                   **settings):
+    """settings: more ServerConfig fields (auto_merge=True, ...)."""
     from loraplex.server.build import launch_engine
 
     config = ServerConfig(max_batch_size=s.max_batch_size, kv_cache_mb=s.kv_cache_mb,
                           adapter_roots=str(root) if root else "", adapter_slots=slots, max_lora_rank=rank,
-                          adapter_loader_nice=s.loader_nice, device=s.device, dtype=s.dtype, lora_fused=lora_fused)
+                          adapter_loader_nice=s.loader_nice, device=s.device, dtype=s.dtype, lora_fused=lora_fused,
+                          **settings)
     engine, _ = launch_engine(config)
     try:
         yield engine

@@ -136,15 +136,18 @@ def _adapters(config: ServerConfig, model, backend, device, dtype):
 
 
 def _weight_sets(config: ServerConfig, engine: Engine, backend, dtype):
-    """Merged adapters' copies of the weights beside the base's: built on the loader's administrative
-    thread, installed between steps by the engine's loop."""
+    """Merged adapters' copies of the weights beside the base's: built on a thread of their own (started
+    here, on the engine's thread, at its priority), installed between steps by the engine's loop."""
     from functools import partial
 
     from ..adapters.merge import merge_into_copy
     from .engine.weight_sets import WeightSets
 
     model = engine.runner.model
-    return WeightSets(model, engine.adapters.with_resident,
+    def resident(adapter_id: str):
+        return engine.adapters.with_resident(lambda read: read(adapter_id))
+
+    return WeightSets(model, resident,
                       partial(merge_into_copy, model, backend=backend, dtype=dtype), engine.between_steps,
                       config.merge_min_retained)
 

@@ -216,6 +216,8 @@ class Engine:
             self._wake.notify()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.weights is not None:
+            self.weights.stop()
         if self.adapters is not None:
             self.adapters.stop()
 

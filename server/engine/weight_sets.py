@@ -5,8 +5,9 @@ A request runs every step on the set it started on: the merged adapter's request
 everyone else's on the base. So a merge or an unmerge never changes a running request's numbers, and an
 answer does not depend on what else is running. When both sets have work, steps take turns.
 
-Merging builds the copy on the adapter loader's administrative thread (the base modules are only read)
-and installs it between two steps on the loop's thread; unmerging drops it there once no running request
+Merging builds the copy on a thread of its own at the engine's CPU priority (the base modules are only
+read; the adapter is read, if it must be, by the loader's administrative thread, which runs niced: a build
+there on 2 busy cores took 40 s instead of 4) and installs it between two steps on the loop's thread; unmerging drops it there once no running request
 uses it. One adapter is merged at a time: merging another is refused until it is unmerged. A new version
 of the merged adapter (reloaded files) is merged again when its first request arrives; that request and
 those before the new copy is ready run on the base through the LoRA path, and the old version's copy is
@@ -23,6 +24,7 @@ from typing import Callable
 
 from ...adapters import merge
 from ...adapters.merge import METHODS, MergedWeights
+from ...adapters.workers import Calls
 from ..errors import FailedPreconditionError, InvalidArgumentError
 from ..metrics import NO_METRICS
 
@@ -45,13 +47,14 @@ class MergeStatus:
 
 
 class WeightSets:
-    def __init__(self, model, build: Callable[[Callable], Future], merge_into: Callable[..., MergedWeights],
+    def __init__(self, model, resident: Callable[[str], Future], merge_into: Callable[..., MergedWeights],
                  between_steps: Callable, min_retained: float = 0.5):
-        """build(fn): fn(read) on the adapter loader's administrative thread, as a future, where
-        read(adapter_id) is that adapter's Resident (read from disk first if needed); merge_into(adapter,
-        key, method): the merged modules; between_steps(fn): runs fn on the loop's thread between steps."""
+        """resident(adapter_id): a future of that adapter's Resident (read from disk first if needed);
+        merge_into(adapter, key, method): the merged modules; between_steps(fn): runs fn on the loop's
+        thread between steps. Create it on a thread at the engine's priority: the builder thread
+        started here inherits it."""
         self.model = model
-        self.build = build
+        self.resident = resident
         self.merge_into = merge_into
         self.between_steps = between_steps
         self.min_retained = min_retained
@@ -68,6 +71,10 @@ class WeightSets:
         self.movable = False              # ... with a method equal to the adapter: its requests are not bound
         self.last_switch = -float("inf")  # monotonic time the last copy was installed or the last unmerge
         self.last_build_s = 0.0           # seconds the last copy took to build
+        self._builder = Calls("loraplex-merge", _NoResource)
+
+    def stop(self) -> None:
+        self._builder.stop()
 
     # ---- administration ----------------------------------------------------------------------------
     def merge(self, adapter_id: str, method: str, auto: bool = False) -> Future:
@@ -83,7 +90,7 @@ class WeightSets:
             previous, self._target, self._building = self._target, (adapter_id, method), True
             self._auto_pending = auto
         try:
-            return self.build(lambda read: self._merge(read, adapter_id, method, previous))
+            return self._builder.submit(lambda _: self._merge(adapter_id, method, previous))
         except BaseException:
             self._merge_failed(previous, method)
             raise
@@ -183,11 +190,11 @@ class WeightSets:
             return sum(merged.nbytes for merged in self._sets.values())
 
     # ---- internals ---------------------------------------------------------------------------------
-    def _merge(self, read: Callable, adapter_id: str, method: str, previous) -> MergeStatus:
-        """On the loader's administrative thread: reads the adapter if it must, builds the copy, then
-        installs it between two steps."""
+    def _merge(self, adapter_id: str, method: str, previous) -> MergeStatus:
+        """On the builder thread: has the adapter read if it must be, builds the copy, then installs it
+        between two steps."""
         try:
-            resident = read(adapter_id)
+            resident = self.resident(adapter_id).result()
             key = (adapter_id, resident.version, method)
             merged = self.merge_into(resident.adapter, key, method)
             self.between_steps(lambda: self._install(merged))
@@ -231,6 +238,11 @@ class WeightSets:
 def _status(merged: MergedWeights, state: str, warning: str = "") -> MergeStatus:
     return MergeStatus(merged.key[0], state, merged.method, merged.key[1], merged.retained, merged.retained_by_layer,
                        merged.nbytes, merged.seconds, warning)
+
+
+class _NoResource:
+    def close(self) -> None:
+        pass
 
 
 def log_failure(future: Future) -> None:
