@@ -87,7 +87,17 @@ def run_trace(engine, trace: Trace, names: list[str], base_only: bool) -> dict:
     stop.set()
     for t in threads:
         t.join(600)
-    return {"phases": _per_phase(trace, records, bounds), "timeline": timeline}
+    return {"phases": _per_phase(trace, records, bounds), "timeline": timeline,
+            "tok_s_by_2s": _rate(records, origin, bounds[-1] - origin)}
+
+
+def _rate(records: list[dict], origin: float, seconds: float, width: float = 2.0) -> list[float]:
+    """Decode tokens per second in consecutive windows of `width` seconds from the trace's start."""
+    counts = np.zeros(int(np.ceil(seconds / width)))
+    for t in (t - origin for r in records for t in r["times"]):
+        if 0 <= t < len(counts) * width:
+            counts[int(t // width)] += 1
+    return [round(c / width, 1) for c in counts]
 
 
 def _per_phase(trace: Trace, records: list[dict], bounds: list[float]) -> list[dict]:

@@ -150,7 +150,9 @@ def test_a_merge_is_judged_by_its_decode_steps_against_the_bases_of_the_same_siz
         times.took(None, 8, 0.05)
     for _ in range(JUDGE_STEPS - 1):
         times.took(copy, 16, 0.15)
-        times.took(copy, 3, 0.01)          # a size the base never ran: not compared
+    assert not times.take_probe()
+    times.took(copy, 3, 0.01)              # a size the base never ran: not compared, a base step asked for
+    assert times.take_probe() and not times.take_probe()
     assert not times.slower(copy)          # not judged before JUDGE_STEPS comparisons
     times.took(copy, 16, 0.15)
     assert times.slower(copy) and not times.slower(("b", 1, "dense"))

@@ -13,7 +13,8 @@ adapter: 20 merges and unmerges in 13 s on instant counts). While an adapter is 
 stays out of the way.
 
 A merge must pay: each merged decode step is timed against the base's decode steps of the same batch size
-(StepTimes). When the median of the first JUDGE_STEPS is not faster, the copy is dropped and no merge
+(StepTimes; with `dense`, a merged step of a size the base has not run is followed by one base step, to
+time it). When the median of the first JUDGE_STEPS is not faster, the copy is dropped and no merge
 starts for HOLD_S seconds, twice that after the next such merge, and so on (measured on a 2-core CPU with
 AVX512-BF16: a float32 dense copy decodes a batch of 16 at 0.67x the LoRA path's speed, the fused 4-bit
 kernel being faster than a float32 GEMM there; docs/benchmarks-adapters.md).
@@ -45,6 +46,7 @@ class StepTimes:
         self.base: dict[int, float] = {}
         self.ratios: list[float] = []
         self.copy = None           # the copy the ratios are for
+        self.probe = False         # a merged step of a size the base has not run: time a base step of it
 
     def took(self, key, rows: int, seconds: float) -> None:
         if key is None:
@@ -53,8 +55,15 @@ class StepTimes:
             return
         if key != self.copy:
             self.copy, self.ratios = key, []
-        if rows in self.base and len(self.ratios) < JUDGE_STEPS:
-            self.ratios.append(seconds / self.base[rows])
+        if len(self.ratios) < JUDGE_STEPS:
+            if rows in self.base:
+                self.ratios.append(seconds / self.base[rows])
+            else:
+                self.probe = True
+
+    def take_probe(self) -> bool:
+        probe, self.probe = self.probe, False
+        return probe
 
     def slower(self, key) -> bool:
         """The copy `key` was measured no faster than the base (its first JUDGE_STEPS decode steps)."""
@@ -98,7 +107,10 @@ class AutoPlanner:
         self._act(decision, now)
         if decision.step is None:
             return None, None, None
-        key = current if decision.step == "merged" and current is not None and self.weights.auto else None
+        merged_step = decision.step == "merged" and current is not None and self.weights.auto
+        if merged_step and self.weights.movable and self.times.take_probe():
+            merged_step = False        # a base step of the size just run on the copy, to time the copy against
+        key = current if merged_step else None
         key = self._starving(seqs, key, now)
         if key is None:
             return "base", (lambda seq: seq.weight_set is None), None
