@@ -146,17 +146,23 @@ def test_a_merge_is_judged_by_its_decode_steps_against_the_bases_of_the_same_siz
 
     times, copy = StepTimes(), ("a", 1, "dense")
     for _ in range(3):
-        times.took(None, 16, 0.10)
-        times.took(None, 8, 0.05)
+        times.took(None, 16, 0.30)         # while the copy was being built: the CPU was shared
+    times.took(copy, 16, 0.15)             # not compared with those: a base step of its size asked for
+    assert times.take_probe() and not times.take_probe()
+    times.took(None, 16, 0.10)
+    times.took(None, 8, 0.05)
     for _ in range(JUDGE_STEPS - 1):
         times.took(copy, 16, 0.15)
     assert not times.take_probe()
-    times.took(copy, 3, 0.01)              # a size the base never ran: not compared, a base step asked for
+    times.took(copy, 3, 0.01)              # a size the base has not run: not compared, a base step asked for
     assert times.take_probe() and not times.take_probe()
     assert not times.slower(copy)          # not judged before JUDGE_STEPS comparisons
     times.took(copy, 16, 0.15)
     assert times.slower(copy) and not times.slower(("b", 1, "dense"))
-    faster = ("a", 2, "dense")             # a new copy starts a new judgement
+    faster = ("a", 2, "dense")             # a new copy starts a new judgement, on base steps run since
+    times.took(faster, 8, 0.04)
+    assert times.take_probe()
+    times.took(None, 8, 0.05)
     for _ in range(JUDGE_STEPS):
         times.took(faster, 8, 0.04)
     assert not times.slower(faster) and not times.slower(copy)

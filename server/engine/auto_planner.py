@@ -46,17 +46,22 @@ class StepTimes:
         self.base: dict[int, float] = {}
         self.ratios: list[float] = []
         self.copy = None           # the copy the ratios are for
-        self.probe = False         # a merged step of a size the base has not run: time a base step of it
+        self.fresh: set[int] = set()   # batch sizes the base ran since that copy was installed
+        self.probe = False         # a merged step of a size not fresh: time a base step of it
 
     def took(self, key, rows: int, seconds: float) -> None:
+        """A decode step of `rows` sequences on weight set `key` (None: the base). A merged step is compared
+        only with base steps run since its copy was installed: those run while it was being built shared the
+        CPU with the build (measured: 2-4x slower on 2 cores) and would make any copy look fast."""
         if key is None:
-            old = self.base.get(rows)
+            old = self.base.get(rows) if rows in self.fresh else None
             self.base[rows] = seconds if old is None else (1 - STEP_EMA) * old + STEP_EMA * seconds
+            self.fresh.add(rows)
             return
         if key != self.copy:
-            self.copy, self.ratios = key, []
+            self.copy, self.ratios, self.fresh = key, [], set()
         if len(self.ratios) < JUDGE_STEPS:
-            if rows in self.base:
+            if rows in self.fresh:
                 self.ratios.append(seconds / self.base[rows])
             else:
                 self.probe = True
