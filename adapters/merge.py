@@ -11,6 +11,10 @@ is never written) from the original's dense weight, through the quantization bac
   on a tiny Llama, while the share kept along the delta is 1.5%: tests/test_merge.py.)
 - `dense`: dense base + delta kept in the compute dtype, equal to the unmerged adapter up to float
   rounding (retained is 1 up to that rounding), at the compute dtype's size instead of 4 bits.
+- `exact`: a QA-LoRA adapter's update is constant over each group of input columns; on a base with float
+  zero points per group of the same size (int4) it folds into the zeros, Z' = Z + delta per (row, group),
+  the codes and scales kept (shared with the base, not copied): equal to the unmerged adapter up to float
+  rounding, and the copy is only the zero tensors. `preferred_method` makes it the default where it applies.
 DoRA's merged weight is (W + delta) * m / ||W + delta|| per output row, its output scale folded in.
 """
 
@@ -20,14 +24,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..server.errors import FailedPreconditionError
 from ..server.model import layout
 from ..server.model.loader import bias_of, dense_weight, module_bytes, packed_linear
 from ..server.model.quant import QuantBackend
 from ..server.model.row_padding import RowPadded
 from .canonical import Adapter
 
-METHODS = ("dense", "requantize")
-MOVABLE = ("dense",)      # methods whose merged copy computes what the LoRA path does (up to rounding)
+METHODS = ("dense", "requantize", "exact")
+MOVABLE = ("dense", "exact")     # methods whose merged copy computes what the LoRA path does (up to rounding)
+
+
+def movable(method: str) -> bool:
+    """Whether a merge by `method` computes what the LoRA path does ("": the preferred one, dense or exact)."""
+    return method in ("", *MOVABLE)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ def merge_into_copy(model: nn.Module, adapter: Adapter, key: tuple[str, int, str
     computing in `dtype` as the base does."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r} (methods: {', '.join(METHODS)})")
+    if method == "exact":
+        check_exact(adapter, backend)
     started = time.monotonic()
     modules, changed, wanted, by_layer = {}, 0.0, 0.0, {}
     for index, layer in enumerate(model.model.layers):
@@ -82,6 +94,10 @@ def _merge_module(lora: nn.Module, index: int, adapter: Adapter, method: str, ba
     device = base.device
     if method == "dense":
         module = RowPadded(_dense_linear(merged.to(dtype), bias, device))
+    elif method == "exact":
+        group = backend.zero_group_size()
+        shift = (merged - base).reshape(base.shape[0], -1, group).mean(-1)      # constant over each group
+        module = RowPadded(backend.shift_zeros(lora.base.inner, shift))
     else:
         parts = [(merged[offset:offset + size].to(dtype), None if bias is None else bias[offset:offset + size])
                  for _, offset, size in lora.targets]
@@ -89,6 +105,31 @@ def _merge_module(lora: nn.Module, index: int, adapter: Adapter, method: str, ba
     now = dense_weight(module, backend)
     delta = merged - base
     return module, float(((now - base) * delta).sum()), float(delta.square().sum())
+
+
+def check_exact(adapter: Adapter, backend: QuantBackend) -> None:
+    """Raises FailedPreconditionError unless every module of `adapter` folds exactly into `backend`'s zeros."""
+    group = backend.zero_group_size()
+    sizes = sorted({m.group_size or 0 for m in adapter.modules.values()})
+    theirs = ", ".join(str(g) if g else "none (not QA-LoRA)" for g in sizes)
+    if group is None:
+        raise FailedPreconditionError(
+            f"an exact merge needs a base with zero points per group; the base is {backend.describe()} (none) and "
+            f"adapter {adapter.adapter_id!r} has QA-LoRA group size {theirs}: use dense (equal to the adapter) or "
+            f"requantize, or serve the base as --quant int4 --quant-group-size {sizes[-1] or 64}")
+    if sizes != [group] or any(m.output_scale is not None for m in adapter.modules.values()):
+        raise FailedPreconditionError(
+            f"an exact merge needs a QA-LoRA adapter of the base's group size: adapter {adapter.adapter_id!r} has "
+            f"group size {theirs}, the base is {backend.describe()}: use dense (equal to the adapter) or requantize")
+
+
+def preferred_method(adapter: Adapter, backend: QuantBackend, default: str = "dense") -> str:
+    """`exact` where it applies to `adapter` on `backend`, else `default`."""
+    try:
+        check_exact(adapter, backend)
+    except FailedPreconditionError:
+        return default
+    return "exact"
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device) -> nn.Linear:

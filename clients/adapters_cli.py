@@ -17,8 +17,9 @@ def add_adapters(commands, connection) -> None:
         if verb == "load":
             v.add_argument("--pin", action="store_true", help="keep it on the device")
         if verb == "merge":
-            v.add_argument("--method", choices=("dense", "requantize"),
-                           help="dense (equal to the adapter) or requantize (4-bit) [the server's --merge-method]")
+            v.add_argument("--method", choices=("dense", "requantize", "exact"),
+                           help="dense (equal to the adapter), requantize (4-bit) or exact (QA-LoRA into an int4 "
+                                "base's zeros) [the server's --merge-method]")
     verbs.add_parser("unmerge", parents=[connection], help="drop the merged adapter's copy of the weights")
     p.set_defaults(run=_run)
 

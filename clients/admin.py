@@ -32,7 +32,7 @@ class AdapterInfo:
 class MergeInfo:
     adapter_id: str
     state: str            # MERGING, MERGED, UNMERGED
-    method: str           # DENSE, REQUANTIZE
+    method: str           # DENSE, REQUANTIZE, EXACT
     version: int
     retained: float       # share of the adapter's update the merged weights keep
     retained_by_layer: tuple
@@ -78,7 +78,7 @@ class AdapterAdmin:
             return _info(self._stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw))
 
     def merge(self, adapter_id: str, method: str | None = None) -> MergeInfo:
-        """method: "dense", "requantize", or None for the server's --merge-method."""
+        """method: "dense", "requantize", "exact", or None for the server's --merge-method."""
         value = pb.MERGE_METHOD_UNSPECIFIED if method is None else pb.MergeMethod.Value(method.upper())
         with _typed_errors():
             return _merge_info(self._stub.MergeAdapter(pb.MergeAdapterRequest(adapter_id=adapter_id, method=value),

@@ -60,7 +60,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
     model_dir = resolve_model_dir(config.model, config.resolved_cache_dir())
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    backend = make_backend(blocksize=config.quant_blocksize)
+    backend = make_backend(config.quant, config.quant_blocksize, config.quant_group_size)
     log.info("loading %s on %s (%s, %s)", model_dir, device, dtype, backend.describe())
     model = load_model(model_dir, device, dtype, backend)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -140,7 +140,7 @@ def _weight_sets(config: ServerConfig, engine: Engine, backend, dtype):
     here, on the engine's thread, at its priority), installed between steps by the engine's loop."""
     from functools import partial
 
-    from ..adapters.merge import merge_into_copy
+    from ..adapters.merge import merge_into_copy, preferred_method
     from .engine.weight_sets import WeightSets
 
     model = engine.runner.model
@@ -149,7 +149,7 @@ def _weight_sets(config: ServerConfig, engine: Engine, backend, dtype):
 
     return WeightSets(model, resident,
                       partial(merge_into_copy, model, backend=backend, dtype=dtype), engine.between_steps,
-                      config.merge_min_retained)
+                      config.merge_min_retained, partial(preferred_method, backend=backend))
 
 
 def _merge_at_start(engine: Engine, adapter_id: str, method: str) -> None:
@@ -160,7 +160,7 @@ def _merge_at_start(engine: Engine, adapter_id: str, method: str) -> None:
         engine.adapters.stop()
         raise ValueError(f"merging adapter {adapter_id!r} failed: {exc}") from None
     log.info("merged adapter %s v%d (%s): keeps %.1f%% of its update, %.1f MiB beside the base, %.2f s",
-             adapter_id, status.version, method, 100 * status.retained, status.size_bytes / 2**20, status.seconds)
+             adapter_id, status.version, status.method, 100 * status.retained, status.size_bytes / 2**20, status.seconds)
 
 
 def launch_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:

@@ -22,7 +22,10 @@ class ServerConfig:
     cache_dir: str = _opt("", "where converted models are kept; empty = $XDG_CACHE_HOME/loraplex")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = _opt("auto", "compute dtype: float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)")
+    quant: str = _opt("nf4", "format of the base's 4-bit decoder linears: nf4 (bitsandbytes) or int4 (group-wise "
+                             "asymmetric, torch's kernels; CPU only so far)")
     quant_blocksize: int = _opt(64, "NF4 quantization block size (64, 128, 256, ...)")
+    quant_group_size: int = _opt(64, "INT4 input columns per scale and zero (32, 64, 128 or 256)")
     kv_cache_mb: int = _opt(256, "memory for the KV cache, in MiB")
     kv_block_size: int = _opt(16, "tokens per KV cache block")
     max_batch_size: int = _opt(32, "most sequences decoded together in one step")
@@ -58,10 +61,11 @@ class ServerConfig:
                                                     "60 s plus the largest legal adapter at 5 MB/s")
     merge_adapter: str = _opt("", "adapter id to merge into a copy of the weights at start-up, before SERVING "
                                   "(its requests then run with no LoRA work; others' keep being served)")
-    merge_method: str = _opt("dense", "how --merge-adapter, --auto-merge and a merge request that names none "
-                                      "merge: dense "
-                                      "(merged layers in the compute dtype, equal to the adapter) or requantize "
-                                      "(4-bit again, PEFT's merge: keeps only part of a small update)")
+    merge_method: str = _opt("", "how --merge-adapter, --auto-merge and a merge request that names none merge: "
+                                 "dense (merged layers in the compute dtype, equal to the adapter), requantize "
+                                 "(4-bit again, PEFT's merge: keeps only part of a small update) or exact (a "
+                                 "QA-LoRA adapter folded into an int4 base's zeros); empty = exact where it "
+                                 "applies, else dense")
     merge_min_retained: float = _opt(0.5, "warn (log and reply) when a merge keeps less than this share of the "
                                           "adapter's update")
     auto_merge: bool = _opt(False, "merge the adapter most requests are for into a copy of the weights "
@@ -93,7 +97,7 @@ class ServerConfig:
     shutdown_grace_seconds: int = _opt(30, "on SIGTERM, how long running requests may take to finish")
 
     def __post_init__(self):
-        positive = ["quant_blocksize", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
+        positive = ["quant_blocksize", "quant_group_size", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
                     "max_queue_size", "max_new_tokens", "default_max_new_tokens", "grpc_workers",
                     "max_lora_rank", "adapter_slots", "adapter_host_cache_mb", "max_message_bytes",
                     "max_concurrent_rpcs", "max_concurrent_streams", "keepalive_time_ms", "keepalive_timeout_ms",
@@ -107,6 +111,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:
             raise ValueError(f"quant_blocksize must be a power of two >= 32, got {self.quant_blocksize}")
+        if self.quant not in ("nf4", "int4"):
+            raise ValueError(f"quant must be nf4 or int4, got {self.quant!r}")
+        if self.quant_group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -118,8 +126,8 @@ class ServerConfig:
         for name in ("adapter_watch_seconds", "adapter_read_timeout_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.merge_method not in ("dense", "requantize"):
-            raise ValueError(f"merge_method must be dense or requantize, got {self.merge_method!r}")
+        if self.merge_method not in ("", "dense", "requantize", "exact"):
+            raise ValueError(f"merge_method must be dense, requantize, exact or empty, got {self.merge_method!r}")
         if self.auto_merge and not self.adapter_root_paths():
             raise ValueError("auto_merge needs adapter_roots")
         if self.auto_merge_max_wait_seconds <= 0:

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import adapter_kinds
+from dequantized import float_model_of
 from loraplex.adapters.formats import AdapterFormatError, bind, read_adapter
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.quant import make_backend
 from loraplex.v1 import generation_pb2 as pb
 from servers import ServerThread
 
@@ -61,9 +63,10 @@ def nf4_base(base_dir):
     return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32)
 
 
-def qalora_direct(model, adapter_dir):
+def qalora_direct(model, adapter_dir, group=QA_GROUP, pooled_times_groups=False):
     """Hooks adding s * B A pool(x) to each targeted linear of an HF model: the paper's QA-LoRA, computed
-    directly from the files (pool = mean over groups of QA_GROUP consecutive input features)."""
+    directly from the files (pool = mean over groups of `group` consecutive input features; times the number
+    of groups for PEFT's use_qalora)."""
     from safetensors.torch import load_file
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -75,14 +78,18 @@ def qalora_direct(model, adapter_dir):
 
             def hook(mod, args, out, a=a, b=b):
                 x = args[0]
-                pooled = x.reshape(*x.shape[:-1], -1, QA_GROUP).mean(-1)
+                pooled = x.reshape(*x.shape[:-1], -1, group).mean(-1)
+                if pooled_times_groups:
+                    pooled = pooled * pooled.shape[-1]
                 return out + scaling * (pooled @ a.T @ b.T)
             module.register_forward_hook(hook)
     return model
 
 
-def oracle_logprobs(base_dir, root, adapter_id, ids):
-    model = nf4_base(base_dir)
+def oracle_logprobs(base_dir, root, adapter_id, ids, quant="nf4"):
+    """Per-step log-probabilities of PEFT (or the direct QA-LoRA) on the base the server quantized: HF's own
+    NF4 model, or for int4 the float model of our dequantized weights."""
+    model = nf4_base(base_dir) if quant == "nf4" else float_model_of(base_dir, make_backend(quant, group_size=32))
     with adapter_kinds.dora_weights_before_packing(model), torch.inference_mode():
         if adapter_id == "qalora":
             model = qalora_direct(model, root / adapter_id)
@@ -213,11 +220,12 @@ def test_dora_needs_the_base(root, config):
 
 # ---- served together -----------------------------------------------------------------------------------------
 
-def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, stub_for):
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, stub_for, quant):
     kinds = [*adapter_kinds.KINDS, "qalora"]
     ids = kinds + ["", kinds[0]]
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=16, adapter_roots=str(root),
-                          adapter_slots=len(kinds), max_lora_rank=64)
+                          adapter_slots=len(kinds), max_lora_rank=64, quant=quant, quant_group_size=32)
     results = {}
     try:
         stub = stub_for(server.target)
@@ -243,7 +251,7 @@ def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, 
     for i, adapter_id in enumerate(ids):
         tokens = [t.token_id for t in results[i].tokens]
         assert answers.setdefault(adapter_id, tokens) == tokens
-        logprobs = oracle_logprobs(tiny_model_dir, root, adapter_id, prompt + tokens)
+        logprobs = oracle_logprobs(tiny_model_dir, root, adapter_id, prompt + tokens, quant)
         for step, token in enumerate(results[i].tokens):
             row = logprobs[len(prompt) - 1 + step]
             assert token.token_id == int(row.argmax()), (adapter_id or "base", step)

@@ -107,8 +107,8 @@ def adapters(tiny_model_dir, tmp_path_factory):
 class Ours:
     """Our model as the server builds it with adapters (server/build.py `_adapters`)."""
 
-    def __init__(self, base_dir):
-        self.backend = NF4Backend(blocksize=BLOCK)
+    def __init__(self, base_dir, backend=None):
+        self.backend = NF4Backend(blocksize=BLOCK) if backend is None else backend
         self.model = load_model(base_dir, CPU, torch.float32, self.backend)
         cfg = self.model.config
         shapes = {t: layout.in_out_features(cfg, t) for t in layout.TARGETS}

@@ -12,6 +12,7 @@ class MergeMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MERGE_METHOD_UNSPECIFIED: _ClassVar[MergeMethod]
     DENSE: _ClassVar[MergeMethod]
     REQUANTIZE: _ClassVar[MergeMethod]
+    EXACT: _ClassVar[MergeMethod]
 
 class MergeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 MERGE_METHOD_UNSPECIFIED: MergeMethod
 DENSE: MergeMethod
 REQUANTIZE: MergeMethod
+EXACT: MergeMethod
 MERGE_STATE_UNSPECIFIED: MergeState
 MERGING: MergeState
 MERGED: MergeState

@@ -5,7 +5,7 @@ A request runs every step on the set it started on: the merged adapter's request
 everyone else's on the base. So a merge or an unmerge never changes a running request's numbers, and an
 answer does not depend on what else is running. When both sets have work, steps take turns.
 
-Merging builds the copy on a thread of its own at the engine's CPU priority (the base modules are only
+Merging builds the copy on a thread of its own at the engine's CPU priority, on one torch thread (the base modules are only
 read; the adapter is read, if it must be, by the loader's administrative thread, which runs niced: a build
 there on 2 busy cores took 40 s instead of 4) and installs it between two steps on the loop's thread; unmerging drops it there once no running request
 uses it. One adapter is merged at a time: merging another is refused until it is unmerged. A new version
@@ -48,9 +48,11 @@ class MergeStatus:
 
 class WeightSets:
     def __init__(self, model, resident: Callable[[str], Future], merge_into: Callable[..., MergedWeights],
-                 between_steps: Callable, min_retained: float = 0.5):
+                 between_steps: Callable, min_retained: float = 0.5,
+                 preferred: Callable[[object], str] = lambda adapter: "dense"):
         """resident(adapter_id): a future of that adapter's Resident (read from disk first if needed);
-        merge_into(adapter, key, method): the merged modules; between_steps(fn): runs fn on the loop's
+        merge_into(adapter, key, method): the merged modules; preferred(adapter): the method a merge that
+        names none ("") uses for it; between_steps(fn): runs fn on the loop's
         thread between steps. Create it on a thread at the engine's priority: the builder thread
         started here inherits it."""
         self.model = model
@@ -58,6 +60,7 @@ class WeightSets:
         self.merge_into = merge_into
         self.between_steps = between_steps
         self.min_retained = min_retained
+        self.preferred = preferred
         self.metrics = NO_METRICS
         self._lock = threading.Lock()
         self._sets: dict[Key, MergedWeights] = {}
@@ -71,7 +74,7 @@ class WeightSets:
         self.movable = False              # ... with a method equal to the adapter: its requests are not bound
         self.last_switch = -float("inf")  # monotonic time the last copy was installed or the last unmerge
         self.last_build_s = 0.0           # seconds the last copy took to build
-        self._builder = Calls("loraplex-merge", _NoResource)
+        self._builder = Calls("loraplex-merge", _one_torch_thread)
 
     def stop(self) -> None:
         self._builder.stop()
@@ -79,8 +82,9 @@ class WeightSets:
     # ---- administration ----------------------------------------------------------------------------
     def merge(self, adapter_id: str, method: str, auto: bool = False) -> Future:
         """Merges the adapter's current version; the future holds its MergeStatus. auto: made by the
-        --auto-merge rule (with `dense`, its requests are not bound to a set; see auto_planner.py)."""
-        if method not in METHODS:
+        --auto-merge rule (with `dense`, its requests are not bound to a set; see auto_planner.py).
+        method "": the one `preferred` picks for the adapter once it is read."""
+        if method and method not in METHODS:
             raise InvalidArgumentError("method", f"{method!r} is not a merge method (methods: {', '.join(METHODS)})")
         with self._lock:
             if self._target is not None and self._target[0] != adapter_id:
@@ -137,7 +141,7 @@ class WeightSets:
         with self._lock:
             target, current = self._target, self._current
             if key is None or self.movable or (self._building and self._auto_pending
-                                               and self._target[1] in merge.MOVABLE):   # they bind nobody
+                                               and merge.movable(self._target[1])):   # they bind nobody
                 return
             if current is not None and key == current[:2]:
                 seq.weight_set = current
@@ -195,11 +199,12 @@ class WeightSets:
         between two steps."""
         try:
             resident = self.resident(adapter_id).result()
+            method = method or self.preferred(resident.adapter)
             key = (adapter_id, resident.version, method)
             merged = self.merge_into(resident.adapter, key, method)
             self.between_steps(lambda: self._install(merged))
         except BaseException:
-            self._merge_failed(previous, method)
+            self._merge_failed(previous, method or "default")
             raise
         warning = self._warning(merged)
         if warning:
@@ -238,6 +243,15 @@ class WeightSets:
 def _status(merged: MergedWeights, state: str, warning: str = "") -> MergeStatus:
     return MergeStatus(merged.key[0], state, merged.method, merged.key[1], merged.retained, merged.retained_by_layer,
                        merged.nbytes, merged.seconds, warning)
+
+
+def _one_torch_thread() -> "_NoResource":
+    """The builder computes on one core: torch's thread count is per calling thread, so the engine's
+    stays as it was (two teams of torch threads on the same cores slow both)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return _NoResource()
 
 
 class _NoResource:

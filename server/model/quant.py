@@ -20,7 +20,7 @@ DEFAULT = "nf4"
 class QuantBackend(ABC):
     """One quantization format with its settings. Subclasses are frozen dataclasses of those settings."""
 
-    name: str   # the format, as ModelInfo and the model_info metric report it: "nf4"
+    name: str   # the format, as ModelInfo and the model_info metric report it: "nf4", "int4"
 
     @abstractmethod
     def validate(self, model: ModelConfig, device: torch.device) -> None:
@@ -47,15 +47,29 @@ class QuantBackend(ABC):
         scales live elsewhere counts them too)."""
         return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
 
+    def zero_group_size(self) -> int | None:
+        """Input columns per float zero point, for a format that has them (an update constant over each
+        such group folds into the zeros exactly: shift_zeros); None for one that has none."""
+        return None
+
+    def shift_zeros(self, module: nn.Module, shift: torch.Tensor) -> nn.Module:
+        """A module multiplying by `module`'s weight plus `shift` [out, in / zero_group_size()] broadcast over
+        each group: the zeros moved, the codes and scales kept (shared where the format can share them)."""
+        raise NotImplementedError(f"{self.describe()} has no zero points")
+
     def describe(self) -> str:
         """The format and its settings, for the log: "nf4 block 64"."""
         return self.name
 
 
-def make_backend(name: str = DEFAULT, blocksize: int = 64) -> QuantBackend:
-    """The backend `name` with its block (or group) size."""
+def make_backend(name: str = DEFAULT, blocksize: int = 64, group_size: int = 64) -> QuantBackend:
+    """The backend `name`: nf4 with its block size, int4 with its group size."""
     if name == "nf4":
         from .nf4 import NF4Backend
 
         return NF4Backend(blocksize=blocksize)
-    raise ValueError(f"quantization {name!r} is not supported (supported: nf4)")
+    if name == "int4":
+        from .int4 import Int4Backend
+
+        return Int4Backend(group_size=group_size)
+    raise ValueError(f"quantization {name!r} is not supported (supported: nf4, int4)")

@@ -15,7 +15,7 @@ from .errors import abort_with
 
 STATES = {"on_disk": pb.ON_DISK, "loaded": pb.LOADED, "unloaded": pb.UNLOADED}
 TIERS = {"disk": pb.DISK, "host": pb.HOST, "device": pb.DEVICE}
-METHODS = {"dense": pb.DENSE, "requantize": pb.REQUANTIZE}
+METHODS = {"dense": pb.DENSE, "requantize": pb.REQUANTIZE, "exact": pb.EXACT}
 MERGE_STATES = {"merging": pb.MERGING, "merged": pb.MERGED, "unmerged": pb.UNMERGED}
 
 
@@ -73,7 +73,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         for name, value in METHODS.items():
             if value == request.method:
                 return name
-        raise InvalidArgumentError("method", f"{request.method} is not a merge method (DENSE, REQUANTIZE)")
+        raise InvalidArgumentError("method", f"{request.method} is not a merge method (DENSE, REQUANTIZE, EXACT)")
 
     async def _call(self, context, fn):
         """fn looks at the disk: it runs on an executor thread, off the event loop; a load returns a future
