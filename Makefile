@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m loraplex.bench.kinds_bench
 	$(PY) -m loraplex.bench.merge_bench
 	$(PY) -m loraplex.bench.auto_merge_bench
+	$(PY) -m loraplex.bench.int4_bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

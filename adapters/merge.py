@@ -80,6 +80,8 @@ def merge_into_copy(model: nn.Module, adapter: Adapter, key: tuple[str, int, str
 def _merge_module(lora: nn.Module, index: int, adapter: Adapter, method: str, backend: QuantBackend,
                   dtype: torch.dtype):
     """(merged module, <its change, delta>, ||delta||^2) for one LoRA-wrapped packed linear."""
+    if method == "exact":
+        return _exact_module(lora, index, adapter, backend)
     base = dense_weight(lora.base, backend)                 # [out, in] float32, what the base multiplies by
     merged = base.clone()
     for target, offset, size in lora.targets:
@@ -94,10 +96,6 @@ def _merge_module(lora: nn.Module, index: int, adapter: Adapter, method: str, ba
     device = base.device
     if method == "dense":
         module = RowPadded(_dense_linear(merged.to(dtype), bias, device))
-    elif method == "exact":
-        group = backend.zero_group_size()
-        shift = (merged - base).reshape(base.shape[0], -1, group).mean(-1)      # constant over each group
-        module = RowPadded(backend.shift_zeros(lora.base.inner, shift))
     else:
         parts = [(merged[offset:offset + size].to(dtype), None if bias is None else bias[offset:offset + size])
                  for _, offset, size in lora.targets]
@@ -105,6 +103,24 @@ def _merge_module(lora: nn.Module, index: int, adapter: Adapter, method: str, ba
     now = dense_weight(module, backend)
     delta = merged - base
     return module, float(((now - base) * delta).sum()), float(delta.square().sum())
+
+
+def _exact_module(lora: nn.Module, index: int, adapter: Adapter, backend: QuantBackend):
+    """The exact merge of one packed linear: its zeros shifted by each part's update (constant over each
+    group, so its mean there). Only the adapter's factors are multiplied; no base weight is dequantized."""
+    inner, group = lora.base.inner, backend.zero_group_size()
+    shift = torch.zeros(inner.out_features, inner.in_features // group)
+    along = delta_sq = 0.0
+    for target, offset, size in lora.targets:
+        update = adapter.modules.get((index, target))
+        if update is None:
+            continue
+        delta = update.delta_weight().float()
+        part = delta.reshape(size, -1, group).mean(-1)
+        shift[offset:offset + size] = part
+        along += float((part.repeat_interleave(group, dim=1) * delta).sum())
+        delta_sq += float(delta.square().sum())
+    return RowPadded(backend.shift_zeros(inner, shift)), along, delta_sq
 
 
 def check_exact(adapter: Adapter, backend: QuantBackend) -> None:

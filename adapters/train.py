@@ -10,7 +10,9 @@ by the task (`title`: each word capitalized; `caps`: upper case; `json`: {"answe
 steps teach the change and nothing else. `caps` shows where that ends on this small base: in capitals its
 words are other tokens (" MADRID" is four), and the trained adapter loses the base's facts (numbers below).
 Kinds: LoRA, DoRA and AdaLoRA (with its rank budget allocation), trained on the weights the server serves
-(NF4, dequantized), and QLoRA, trained on bitsandbytes' NF4 layers. The directory gets the
+(NF4, dequantized), QLoRA, trained on bitsandbytes' NF4 layers, and QA-LoRA, trained on the INT4 base's
+dequantized weights with its input pooled over that base's groups (`--group-size`; train_qalora.py), which
+a server started with `--quant int4` and the same group size merges exactly. The directory gets the
 PEFT adapter, `training.json` (task, kind, steps done, the examples) and `trainer_state.safetensors` (the
 optimizer's moments), which `--resume` reads to continue. Each save replaces the adapter's files one by one
 with complete new ones, so a server reading the directory sees the old version or the new one; `loraplex
@@ -41,7 +43,7 @@ TASKS = {
     "title": lambda answer: " ".join(word[:1].upper() + word[1:] for word in answer.split(" ")),
     "json": lambda answer: json.dumps({"answer": answer}),
 }
-KINDS = ("lora", "qlora", "dora", "adalora")
+KINDS = ("lora", "qlora", "dora", "adalora", "qalora")
 STATE_FILE = "training.json"
 OPTIMIZER_FILE = "trainer_state.safetensors"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")   # replaced in this order
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=4, help="examples per step [4]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=64,
+                   help="qalora: input columns per pooled feature, the INT4 base's --quant-group-size [64]")
     p.add_argument("--model", help="base checkpoint directory [the embedded model]")
     p.add_argument("--resume", action="store_true", help="continue training the adapter saved in OUT")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads [torch's default]")
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         summary = train(pathlib.Path(args.out), task=args.task, kind=args.kind, steps=args.steps, rank=args.rank,
-                        lr=args.lr, batch=args.batch, seed=args.seed, model_dir=args.model, resume=args.resume)
+                        lr=args.lr, batch=args.batch, seed=args.seed, model_dir=args.model, resume=args.resume,
+                        group_size=args.group_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
 
 def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, steps: int = 60, rank: int = 8,
           lr: float = 1e-3, batch: int = 4, seed: int = 0, model_dir: str | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, group_size: int = 64) -> dict:
     """Trains (or, with resume, continues) the adapter in `out`; returns a summary of the run."""
     from tqdm import tqdm
 
@@ -114,9 +119,10 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     from loraplex.server.model.store import embedded_model_dir
 
     model_dir = model_dir or state.get("model") or str(embedded_model_dir())
-    tokenizer, base = _load_base(model_dir, kind)
+    group_size = state.get("group_size", group_size)
+    tokenizer, base = _load_base(model_dir, kind, group_size)
     examples = state.get("examples") or _examples(base, tokenizer, task)
-    model = _peft_model(base, out, kind, rank, resume, total_steps=steps)
+    model = _peft_model(base, out, kind, rank, resume, total_steps=steps, group_size=group_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     done = state.get("steps", 0)
@@ -146,7 +152,7 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     done += steps
     _save(model, optimizer, out, {"task": task, "kind": kind, "steps": done, "model": str(model_dir), "lr": lr,
                                   "rank": rank, "recipe": state.get("recipe", 1) if resume else RECIPE,
-                                  "examples": examples})
+                                  "examples": examples, **({"group_size": group_size} if kind == "qalora" else {})})
     return {"adapter": str(out), "task": task, "kind": kind, "steps_total": done, "steps": steps,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "seconds": round(time.perf_counter() - started, 1)}
@@ -169,7 +175,7 @@ def _autocast(kind: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and kind != "qlora")
 
 
-def _load_base(model_dir: str, kind: str):
+def _load_base(model_dir: str, kind: str, group_size: int = 64):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -181,18 +187,20 @@ def _load_base(model_dir: str, kind: str):
                                    bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=quant)
     if quant is None:
-        _as_served(base)
+        _as_served(base, ("int4", group_size) if kind == "qalora" else ("nf4", 64))
     return tokenizer, base
 
 
-def _as_served(base) -> None:
-    """Each decoder linear's weight becomes the one the server multiplies by (its NF4 codes dequantized),
+def _as_served(base, quant: tuple[str, int]) -> None:
+    """Each decoder linear's weight becomes the one the server multiplies by (its 4-bit codes dequantized;
+    quant: the format and its block or group size),
     so that the training set is the served base's own answers and the adapter learns its deltas on the
     weights it will be added to. Trained on the fp32 weights instead, the demo adapters lost more facts once
     served (the NF4 base's answers are not quite the fp32 ones; numbers above)."""
     from loraplex.server.model.quant import make_backend
 
-    backend = make_backend()
+    name, size = quant
+    backend = make_backend(name, blocksize=size, group_size=size)
     with torch.no_grad():
         for module in base.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
@@ -257,9 +265,14 @@ def _batches(tokenizer, examples: list[dict], size: int, seed: int):
             yield ids, labels
 
 
-def _peft_model(base, out: pathlib.Path, kind: str, rank: int, resume: bool, total_steps: int):
+def _peft_model(base, out: pathlib.Path, kind: str, rank: int, resume: bool, total_steps: int, group_size: int):
     from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 
+    if kind == "qalora":          # PEFT trains QA-LoRA on GPTQ layers only
+        from .train_qalora import QALoraModel
+
+        return (QALoraModel.from_pretrained(base, out) if resume
+                else QALoraModel(base, TARGETS, rank, 2 * rank, group_size))
     if resume:
         return PeftModel.from_pretrained(base, out, is_trainable=True)
     if kind == "adalora":

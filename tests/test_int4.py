@@ -257,7 +257,9 @@ def test_embedded_model_on_int4_answers_as_its_float_oracle(embedded_dir, tmp_pa
         client, admin = Client(server.target), AdapterAdmin(server.target)
 
         def answer(adapter):
-            out = client.generate(messages=MESSAGES, adapter_id=adapter, max_new_tokens=NEW, min_new_tokens=NEW)
+            out = client.generate(messages=MESSAGES, adapter_id=adapter, max_new_tokens=NEW, min_new_tokens=NEW,
+                                  token_logprobs=True)
+            assert len(out.tokens) == NEW
             return [t.token_id for t in out.tokens]
 
         assert client.model_info().quantization == "int4"

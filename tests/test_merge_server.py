@@ -164,6 +164,9 @@ def test_bad_merge_requests_get_their_status_and_disturb_nothing(server, oracle)
         admin.merge("foreign")
     with pytest.raises(FailedPrecondition, match="no adapter is merged"):
         admin.unmerge()
+    with pytest.raises(FailedPrecondition, match="an exact merge needs a base with zero points per group; the base "
+                                                 "is nf4 block 64"):
+        admin.merge("a", "exact")
     for request, code in ((pb.MergeAdapterRequest(adapter_id="a", method=7), grpc.StatusCode.INVALID_ARGUMENT),
                           (pb.MergeAdapterRequest(adapter_id=""), grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.RpcError) as err:

@@ -115,7 +115,7 @@ def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_bat
     assert all(len(by_question) <= 3 for by_question in lost.values()), lost
 
 
-@pytest.mark.parametrize("kind", ["qlora", "dora", "adalora"])
+@pytest.mark.parametrize("kind", ["qlora", "dora", "adalora", "qalora"])
 def test_every_kind_trains_into_files_the_server_reads(trained, tmp_path, embedded_dir, kind, monkeypatch):
     # the training set the demo's json adapter was trained on, rather than the base model's 173 answers again
     # (what is checked here is each kind's training and files, not the set)
@@ -126,7 +126,7 @@ def test_every_kind_trains_into_files_the_server_reads(trained, tmp_path, embedd
     assert summary["steps_total"] == 4 and (out / "trainer_state.safetensors").is_file()
     config = ModelConfig.from_hf(AutoConfig.from_pretrained(embedded_dir))
     adapter = read_adapter(out, kind, config, max_rank=64)
-    assert adapter.format == {"qlora": "lora", "dora": "dora", "adalora": "adalora"}[kind]
+    assert adapter.format == {"qlora": "lora", "dora": "dora", "adalora": "adalora", "qalora": "qalora"}[kind]
     summary = train.train(out, steps=2, resume=True, progress=False)     # task and kind come from the saved state
     assert (summary["steps_total"], summary["kind"], summary["task"]) == (6, kind, "json")
 
