@@ -221,7 +221,10 @@ def test_dora_needs_the_base(root, config):
 # ---- served together -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quant", ["nf4", "int4"])
-def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, stub_for, quant):
+def test_all_kinds_in_one_mixed_batch_equal_their_oracles(tiny_model_dir, root, stub_for, quant, monkeypatch):
+    if quant == "int4":      # its kernel on float32 activations, as the float oracle (test_int4: both modes)
+        from test_int4 import set_mode
+        set_mode("float32", monkeypatch)
     kinds = [*adapter_kinds.KINDS, "qalora"]
     ids = kinds + ["", kinds[0]]
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=16, adapter_roots=str(root),

@@ -3,7 +3,10 @@ and scales untouched, c from the adapter's pooling convention (mean: s / g, the 
 paper's Algorithm 1; PEFT's use_qalora: s * K / g^2). Checked against that formula computed from the raw
 factors (with a negative control: a wrong c must miss), and the merged model against the unmerged LoRA
 path and the paper's definition, base(x) + s * B A pool(x), hooked onto HF's float model of our dequantized
-base: logits within 1e-4 (float32, the same products in another order; measured ~1e-6)."""
+base. Both kernel modes of test_int4: merged against unmerged within 1e-4 in float32 mode, 2e-3 in bf16
+mode (measured 2.7e-4: the two differ in float32 rounding, which bfloat16 activations downstream can turn
+into one bf16 step); against the oracle within 1e-4 in float32 mode (the same
+products in another order; measured ~1e-6) and LOGIT_ATOL["bf16"] in bf16 mode."""
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from loraplex.server.model.loader import module_bytes
 from loraplex.server.model.nf4 import NF4Backend
 from dequantized import float_model_of
 from test_adapter_formats import make_qalora, qalora_direct
+from test_int4 import LOGIT_ATOL, mode  # noqa: F401 - the fixture
 from test_merge import KEY, Ours
 
 GROUP = 32
@@ -60,8 +64,7 @@ def test_exact_merge_moves_only_the_zeros_by_the_formula(tiny_model_dir, raw, co
     for (index, path), module in merged.modules.items():
         base = ours.model.model.layers[index].get_submodule(path).base.inner
         got = module.inner
-        assert got.packed is base.packed                                   # codes shared, not copied
-        assert torch.equal(got.scales, base.scales)
+        assert got.packed is base.packed and got.scales_and_zeros is base.scales_and_zeros   # shared, not copied
         want, wrong = base.zeros.clone(), base.zeros.clone()
         for target, offset, size in layout.slices(cfg, path):
             prefix = f"base_model.model.model.layers.{index}.{path.rpartition('.')[0]}.{target}"
@@ -73,13 +76,13 @@ def test_exact_merge_moves_only_the_zeros_by_the_formula(tiny_model_dir, raw, co
             wrong[offset:offset + size] += ALPHA / RANK * (b @ a) * (1.0 if convention != "sum" else 1 / GROUP)
         torch.testing.assert_close(got.zeros, want, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(got.zeros, wrong, rtol=1e-5, atol=1e-6)   # the negative control
-    copied = sum(m.inner.scales_and_zeros.nbytes for m in merged.modules.values())   # the codes are shared
-    assert merged.nbytes == copied < 0.5 * sum(module_bytes(ours.model.model.layers[i].get_submodule(p).base,
+    copied = sum(m.inner.zero_points.nbytes for m in merged.modules.values())   # codes and scales are shared
+    assert merged.nbytes == copied < 0.2 * sum(module_bytes(ours.model.model.layers[i].get_submodule(p).base,
                                                             ours.backend) for i, p in merged.modules)
 
 
 @pytest.mark.parametrize("flag", [False, True])
-def test_exact_merge_answers_as_unmerged_and_as_the_papers_definition(tiny_model_dir, tmp_path, flag):
+def test_exact_merge_answers_as_unmerged_and_as_the_papers_definition(tiny_model_dir, tmp_path, flag, mode):
     make_qalora(tiny_model_dir, tmp_path / "q", group=GROUP, flag=flag)
     backend = Int4Backend(GROUP)
     ours = Ours(tiny_model_dir, backend)
@@ -100,8 +103,8 @@ def test_exact_merge_answers_as_unmerged_and_as_the_papers_definition(tiny_model
                                pooled_times_groups=flag)
         want = direct(ids[None]).logits[0].float()
     assert (want - base).abs().max() > 0.5
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got, unmerged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-4 if mode == "float32" else LOGIT_ATOL[mode], rtol=0)
+    torch.testing.assert_close(got, unmerged, atol=1e-4 if mode == "float32" else 2e-3, rtol=0)
 
 
 def test_exact_merge_is_refused_where_it_cannot_be_exact(tiny_model_dir, raw):

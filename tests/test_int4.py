@@ -1,10 +1,14 @@
 """The INT4 backend against its oracle, a plain float model whose weights are the backend's dequantized ones.
 
-Per layer: torch's int4 kernel against dequantize + float matmul (float32: within 1e-5 relative, what the
-kernel's own accumulation order gives; bfloat16 activations: within bfloat16 rounding). Per model: our
-model's logits against HF transformers' float model carrying our dequantized weights, within LOGIT_ATOL,
-and the engine's greedy tokens equal to HF's with per-step logprobs within 1e-3 (both sides compute the
-same float32 products, in another order, so no near-tie rule is needed on the tiny models).
+Two modes of the kernel (server/model/int4.py): "float32", torch's int4 kernel on float32 activations
+(what a CPU without AVX512-BF16 runs; forced here by patching `kernel_dtype`), and "bf16", the kernel on
+bfloat16 activations and scales with the zeros' part in float32 (what a float32 model runs on a CPU with
+AVX512-BF16; on one without, it is float32 again). Per layer: the module against dequantize + float32
+matmul, float32 within 1e-5 (accumulation order), bf16 within 1e-2 of the output's norm (measured 2.5e-3:
+bfloat16 rounding of activations and of the kernel's output). Per model: logits against HF transformers'
+float model carrying our dequantized weights within LOGIT_ATOL[mode], and the engine's per-step logprobs
+within LOGPROB_ATOL[mode] of HF's, its greedy tokens equal to HF's or, in bf16 mode, differing at a first
+step where HF's top two are within NEAR_TIE nats.
 """
 
 import pytest
@@ -17,6 +21,7 @@ from loraplex.server.model import layout
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.model.context import StepContext
 from loraplex.adapters import merge
+from loraplex.server.model import int4
 from loraplex.server.model.int4 import Int4Backend, Int4Linear, dequantize, quantize_groups
 from loraplex.server.model.lm_head import OutputHead
 from loraplex.server.model.loader import dense_weight, load_model
@@ -26,7 +31,20 @@ from servers import make_tiny_model
 from test_model_equivalence import VARIANTS, attach_cache, run_engine
 
 CPU = torch.device("cpu")
-LOGIT_ATOL = 2e-4
+LOGIT_ATOL = {"float32": 2e-4, "bf16": 2e-2}      # bf16 measured: 3e-3 on the tiny models
+LOGPROB_ATOL = {"float32": 1e-3, "bf16": 2e-2}
+NEAR_TIE = 0.1
+
+
+def set_mode(mode: str, monkeypatch) -> str:
+    if mode == "float32":
+        monkeypatch.setattr(int4, "kernel_dtype", lambda dtype: dtype)
+    return mode
+
+
+@pytest.fixture(params=["float32", "bf16"])
+def mode(request, monkeypatch):
+    return set_mode(request.param, monkeypatch)
 
 
 def random_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -35,15 +53,16 @@ def random_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("rows", [40, 96])          # 40: not a multiple of the packing op's 16 rows
-def test_kernel_computes_the_dequantized_weight(group_size, rows):
+def test_kernel_computes_the_dequantized_weight(group_size, rows, mode):
     weight, bias = random_weight(rows, 512, group_size), torch.randn(rows) * 0.1
     module = Int4Backend(group_size).quantize(weight, bias, CPU, torch.float32)
     dense = module.dense_weight()
     x = torch.randn(7, 512, generator=torch.Generator().manual_seed(3))
     want = x @ dense.t() + bias
-    torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
-    low = Int4Backend(group_size).quantize(weight, bias, CPU, torch.bfloat16)
-    torch.testing.assert_close(low(x.bfloat16()).float(), want, rtol=2e-2, atol=2e-2)
+    if mode == "float32":
+        torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+    else:
+        assert float((module(x) - want).norm() / want.norm()) < 1e-2
 
 
 def test_the_convention_is_q_minus_8_times_scale_plus_zero():
@@ -72,7 +91,7 @@ def test_quantization_is_min_max_per_row_and_group():
 def test_codes_read_back_from_the_packed_buffer():
     weight = random_weight(40, 192, 11)
     module = Int4Backend(64).quantize(weight, None, CPU, torch.float32)
-    assert torch.equal(module.codes(), quantize_groups(weight, 64)[0])
+    assert torch.equal(module.codes(), quantize_groups(weight, 64, int4.kernel_dtype(torch.float32))[0])
     flat = Int4Backend(64).quantize(torch.zeros(16, 64), None, CPU, torch.float32)   # a flat group
     assert torch.equal(flat.dense_weight(), torch.zeros(16, 64)) and not flat(torch.ones(2, 64)).any()
 
@@ -101,7 +120,7 @@ def variant(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_prefill_logits_match_the_float_model_of_the_dequantized_weights(variant, group_size):
+def test_prefill_logits_match_the_float_model_of_the_dequantized_weights(variant, group_size, mode):
     backend = Int4Backend(group_size)
     ours = load_model(variant, CPU, torch.float32, backend)
     assert any(isinstance(m, Int4Linear) for m in ours.modules())
@@ -113,10 +132,10 @@ def test_prefill_logits_match_the_float_model_of_the_dequantized_weights(variant
     with torch.inference_mode():
         got = OutputHead(ours.lm_head.weight).logits(ours(ids, ctx))
         want = hf(ids[None]).logits[0].float()
-    torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=LOGIT_ATOL[mode], rtol=0)
 
 
-def test_engine_decodes_as_the_float_model_of_the_dequantized_weights(variant):
+def test_engine_decodes_as_the_float_model_of_the_dequantized_weights(variant, mode):
     engine, info = build_engine(ServerConfig(model=str(variant), quant="int4", quant_group_size=32,
                                              kv_cache_mb=8, kv_block_size=4))
     assert info.quantization == "int4"
@@ -134,8 +153,11 @@ def test_engine_decodes_as_the_float_model_of_the_dequantized_weights(variant):
             logprobs = torch.log_softmax(hf(full[None]).logits[0].float(), -1)
         for step, token in enumerate(tokens):
             row = logprobs[len(prompt_ids) - 1 + step]
-            assert token.token_id == int(row.argmax()), f"step {step} of {prompt!r}"
-            assert abs(token.logprob - float(row[token.token_id])) < 1e-3
+            top = row.topk(2).values
+            if token.token_id != int(row.argmax()):
+                assert mode == "bf16" and float(top[0] - top[1]) < NEAR_TIE, f"step {step} of {prompt!r}"
+                break                      # a near-tie resolved the other way: later steps see other tokens
+            assert abs(token.logprob - float(row[token.token_id])) < LOGPROB_ATOL[mode]
 
 
 # ---- adapters merged into an int4 base ---------------------------------------------------------------------
@@ -166,6 +188,7 @@ def peft_delta_weights(base_dir, backend, adapter_dir) -> dict:
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_requantize_on_int4_is_min_max_of_peft_merged_weight(tiny_model_dir, merge_adapters, kind):
+    kernel = int4.kernel_dtype(torch.float32)          # the scales are rounded to it
     """The merged codes, scales and zeros are those of quantizing (min-max per group) the dequantized base
     plus PEFT's merged delta (bit for bit for LoRA; DoRA: codes equal, scales and zeros to float32
     rounding); the base modules stay as they were, bit for bit."""
@@ -184,7 +207,7 @@ def test_requantize_on_int4_is_min_max_of_peft_merged_weight(tiny_model_dir, mer
         codes, scales, zeros = inner.codes(), inner.scales, inner.zeros
         for target, offset, size in layout.slices(ours.model.config, path):
             rows = slice(offset, offset + size)
-            want = quantize_groups(base[rows] + deltas[(index, target)], 32)
+            want = quantize_groups(base[rows] + deltas[(index, target)], 32, kernel)
             assert torch.equal(codes[rows], want[0]), (index, target)
             if kind == "lora":
                 assert torch.equal(scales[rows], want[1]) and torch.equal(zeros[rows], want[2]), (index, target)
@@ -198,7 +221,8 @@ def test_requantize_on_int4_is_min_max_of_peft_merged_weight(tiny_model_dir, mer
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_dense_merge_on_int4_equals_peft_unmerged(tiny_model_dir, merge_adapters, kind):
+def test_dense_merge_on_int4_equals_peft_unmerged(tiny_model_dir, merge_adapters, kind, monkeypatch):
+    set_mode("float32", monkeypatch)     # the layers the adapter does not target stay int4: no bf16 rounding
     from peft import PeftModel
     from test_merge import KEY, Ours
 
