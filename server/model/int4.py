@@ -10,10 +10,13 @@ update is constant within each group, fold into the zeros alone.
 The kernel computes in the activations' dtype, and in float32 it is a slow reference path: measured on a
 2-core AMD EPYC with AVX512-BF16 ([3072, 576], 16 rows), 25 ms in float32 against 0.37 ms in bfloat16
 (bitsandbytes' fused NF4 kernel: 0.23 ms). So where the CPU has AVX512-BF16 the kernel gets bfloat16
-activations and scales, as the NF4 kernel does, and the zeros are kept apart in float32: y = kernel(x, q, S,
-zeros 0) + (x summed over each group) @ Z^T. That second product is 1/g of a matmul, and it keeps the zeros,
-which an exact merge moves, in float32: a merged module shares the codes and scales and differs from the
-base only there. Scales are rounded to the kernel's dtype before the codes are chosen.
+activations, scales and zeros, as the NF4 kernel does (scales and zeros are rounded to the kernel's dtype
+before the codes are chosen). An exact merge moves the zeros by an amount far below a bfloat16 step of
+them, so it is kept apart in float32: the merged module shares the base's codes, scales and zeros and adds
+(x summed over each group) @ shift^T, 1/g of a matmul. (Keeping every module's zeros apart that way was
+measured too: the embedded model decoded at 0.56-0.58x NF4's speed at batch 1-16, against 0.53-0.61x with
+the zeros in the kernel, the same within this machine's noise; the int4 kernel itself is what is slower
+than bitsandbytes' NF4 one here, 0.37 ms against 0.23 ms above.)
 
 The packed codes are in the kernel's own blocked layout, which torch does not document; `codes()` reads
 them back through the packing op itself (each nibble's source found by packing the digits of its index),
@@ -70,10 +73,10 @@ class Int4Backend(QuantBackend):
     def shift_zeros(self, module: nn.Module, shift: torch.Tensor) -> nn.Module:
         if not isinstance(module, Int4Linear):
             raise TypeError(f"{type(module).__name__} is not a module of the int4 backend")
-        return module.with_zeros(module.zeros + shift.to(module.packed.device))
+        return module.shifted(shift.to(module.packed.device))
 
     def nbytes(self, module: nn.Module) -> int:
-        shared = module.packed.nbytes + module.scales_and_zeros.nbytes if getattr(module, "shares_codes", False) else 0
+        shared = module.packed.nbytes + module.scales_and_zeros.nbytes if getattr(module, "shift", None) is not None else 0
         return super().nbytes(module) - shared
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
@@ -90,13 +93,14 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def quantize_groups(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32):
     """(codes int32 [out, in] in 0..15, scales [out, in/g], zeros [out, in/g], both float32) of a float32
-    weight, min-max per (row, group), the scales first rounded to `scale_dtype`."""
+    weight, min-max per (row, group), scales and zeros first rounded to `scale_dtype`."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low)).to(scale_dtype).float()
-    zeros = low + 8 * scales
-    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.int32)
+    zeros = (low + 8 * scales).to(scale_dtype).float()
+    offsets = zeros - 8 * scales                          # where q = 0 lands: the group's min, up to rounding
+    codes = torch.round((groups - offsets[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.int32)
     return codes.reshape(out_features, in_features), scales, zeros
 
 
@@ -108,20 +112,18 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
 
 
 class Int4Linear(nn.Module):
-    """x [..., in] -> [..., out] in x's dtype: `_weight_int4pack_mm_for_cpu` for (q - 8) * scale, plus the
-    zeros' part in float32, plus the bias. packed: the op's codes for [out padded to ROWS, in];
-    scales_and_zeros: [in/g, out padded, 2] in the kernel's dtype, its zeros 0; zero_points: [in/g, out]
-    float32."""
+    """x [..., in] -> [..., out] in x's dtype through `_weight_int4pack_mm_for_cpu`, plus the bias.
+    packed: the op's codes for [out padded to ROWS, in]; scales_and_zeros: [in/g, out padded, 2] in the
+    kernel's dtype; shift: None, or (an exact merge) [in/g, out] float32 added to the zeros."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, zero_points: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None, shares_codes: bool = False):
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, group_size: int,
+                 bias: torch.Tensor | None, shift: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = zero_points.shape[0] * group_size, zero_points.shape[1]
+        self.in_features, self.out_features = scales_and_zeros.shape[0] * group_size, out_features
         self.group_size = group_size
-        self.shares_codes = shares_codes       # packed and scales belong to another module (an exact merge)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("zero_points", zero_points)
+        self.register_buffer("shift", shift)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -129,16 +131,19 @@ class Int4Linear(nn.Module):
                    bias: torch.Tensor | None, kernel: torch.dtype) -> "Int4Linear":
         out_features, in_features = codes.shape
         pad = -out_features % ROWS
-        codes = torch.cat([codes, codes.new_full((pad, in_features), 8)])       # padded rows: (8 - 8) * 1
+        codes = torch.cat([codes, codes.new_full((pad, in_features), 8)])       # padded rows: (8 - 8) * 1 + 0
         scales = torch.cat([scales, scales.new_ones(pad, scales.shape[1])])
+        zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
-        scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], -1).transpose(0, 1).contiguous()
-        return cls(packed, scales_and_zeros.to(kernel), zeros.t().contiguous().float(), group_size, bias)
+        scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(kernel)
+        return cls(packed, scales_and_zeros, out_features, group_size, bias)
 
-    def with_zeros(self, zeros: torch.Tensor) -> "Int4Linear":
-        """A module on the same codes and scales (shared, not copied), with these zeros [out, in/g]."""
-        return Int4Linear(self.packed, self.scales_and_zeros, zeros.t().contiguous().float(), self.group_size,
-                          None if self.bias is None else self.bias.data, shares_codes=True)
+    def shifted(self, shift: torch.Tensor) -> "Int4Linear":
+        """A module on the same codes, scales and zeros (shared, not copied), its zeros moved by `shift`
+        [out, in/g] in float32."""
+        total = shift.float() if self.shift is None else self.shift.t() + shift.float()
+        return Int4Linear(self.packed, self.scales_and_zeros, self.out_features, self.group_size,
+                          None if self.bias is None else self.bias.data, total.t().contiguous())
 
     @property
     def scales(self) -> torch.Tensor:
@@ -146,15 +151,18 @@ class Int4Linear(nn.Module):
 
     @property
     def zeros(self) -> torch.Tensor:
-        return self.zero_points.t()
+        zeros = self.scales_and_zeros[:, :self.out_features, 1].t().float()
+        return zeros if self.shift is None else zeros + self.shift.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        kernel_x = flat.to(self.scales_and_zeros.dtype).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(kernel_x, self.packed, self.group_size,
-                                                         self.scales_and_zeros)[:, :self.out_features]
-        sums = flat.float().reshape(flat.shape[0], -1, self.group_size).sum(-1)     # [rows, in/g]
-        out = (out.float() + sums @ self.zero_points).to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.scales_and_zeros.dtype).contiguous(),
+                                                         self.packed, self.group_size, self.scales_and_zeros)
+        out = out[:, :self.out_features]
+        if self.shift is not None:
+            sums = flat.float().reshape(flat.shape[0], -1, self.group_size).sum(-1)     # [rows, in/g]
+            out = out.float() + sums @ self.shift
+        out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
