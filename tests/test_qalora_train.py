@@ -7,8 +7,10 @@ INT4 base. Rule (greedy, 16 tokens): equal, or equal up to a first differing ste
 are within NEAR_TIE nats (float32 on both sides, the same products in another order)."""
 
 import json
+import urllib.request
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -70,8 +72,15 @@ def test_trained_qalora_serves_unmerged_and_merged_exactly_as_its_oracle(tmp_pat
         info = admin.merge("qa")                      # no method named: exact, for this adapter on this base
         merged = answer("qa")
         admin.unmerge()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=30).read()
     finally:
         server.close()
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in text_string_to_metric_families(scraped.decode()) for s in m.samples}
+    assert any(name == "loraplex_model_info" and ("quantization", "int4") in labels and value == 1
+               for (name, labels), value in metrics.items())
+    assert metrics[("loraplex_adapter_merges_total",
+                    (("method", "exact"), ("operation", "merge"), ("result", "ok")))] == 1
     assert (info.method, info.state) == ("EXACT", "MERGED") and abs(info.retained - 1) < 1e-3, info
     print(f"exact merge of the trained QA-LoRA adapter: {info.seconds:.3f} s, {info.size_bytes / 2**20:.1f} MiB")
     assert agrees(unmerged, oracle), (unmerged, oracle)

@@ -5,7 +5,7 @@ A request runs every step on the set it started on: the merged adapter's request
 everyone else's on the base. So a merge or an unmerge never changes a running request's numbers, and an
 answer does not depend on what else is running. When both sets have work, steps take turns.
 
-Merging builds the copy on a thread of its own at the engine's CPU priority, on one torch thread (the base modules are only
+Merging builds the copy on a thread of its own at the engine's CPU priority (the base modules are only
 read; the adapter is read, if it must be, by the loader's administrative thread, which runs niced: a build
 there on 2 busy cores took 40 s instead of 4) and installs it between two steps on the loop's thread; unmerging drops it there once no running request
 uses it. One adapter is merged at a time: merging another is refused until it is unmerged. A new version
@@ -74,7 +74,7 @@ class WeightSets:
         self.movable = False              # ... with a method equal to the adapter: its requests are not bound
         self.last_switch = -float("inf")  # monotonic time the last copy was installed or the last unmerge
         self.last_build_s = 0.0           # seconds the last copy took to build
-        self._builder = Calls("loraplex-merge", _one_torch_thread)
+        self._builder = Calls("loraplex-merge", _NoResource)    # its torch work on its own thread (workers.py)
 
     def stop(self) -> None:
         self._builder.stop()
@@ -243,15 +243,6 @@ class WeightSets:
 def _status(merged: MergedWeights, state: str, warning: str = "") -> MergeStatus:
     return MergeStatus(merged.key[0], state, merged.method, merged.key[1], merged.retained, merged.retained_by_layer,
                        merged.nbytes, merged.seconds, warning)
-
-
-def _one_torch_thread() -> "_NoResource":
-    """The builder computes on one core: torch's thread count is per calling thread, so the engine's
-    stays as it was (two teams of torch threads on the same cores slow both)."""
-    import torch
-
-    torch.set_num_threads(1)
-    return _NoResource()
 
 
 class _NoResource:
