@@ -19,16 +19,14 @@ from loraplex.server.build import build_engine
 from loraplex.server.config import ServerConfig
 from loraplex.server.model import layout
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.context import StepContext
 from loraplex.adapters import merge
 from loraplex.server.model import int4
 from loraplex.server.model.int4 import Int4Backend, Int4Linear, dequantize, quantize_groups
-from loraplex.server.model.lm_head import OutputHead
 from loraplex.server.model.loader import dense_weight, load_model
 from loraplex.server.model.quant import make_backend
 from dequantized import float_model_of
 from servers import make_tiny_model
-from test_model_equivalence import VARIANTS, attach_cache, run_engine
+from test_model_equivalence import VARIANTS, prefill_logits, run_engine
 
 CPU = torch.device("cpu")
 LOGIT_ATOL = {"float32": 2e-4, "bf16": 2e-2}      # bf16 measured: 3e-3 on the tiny models
@@ -125,13 +123,7 @@ def test_prefill_logits_match_the_float_model_of_the_dequantized_weights(variant
     ours = load_model(variant, CPU, torch.float32, backend)
     assert any(isinstance(m, Int4Linear) for m in ours.modules())
     hf = float_model_of(variant, backend, ours)
-    attach_cache(ours)
-    ids = torch.randint(3, 49152, (37,), generator=torch.Generator().manual_seed(0))
-    n = len(ids)
-    ctx = StepContext(True, torch.arange(n), torch.arange(n), cu_seqlens=[0, n], logits_index=torch.arange(n))
-    with torch.inference_mode():
-        got = OutputHead(ours.lm_head.weight).logits(ours(ids, ctx))
-        want = hf(ids[None]).logits[0].float()
+    got, want = prefill_logits(ours, hf)
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL[mode], rtol=0)
 
 

@@ -49,16 +49,20 @@ def variant(request, tmp_path_factory):
     return path
 
 
-def test_prefill_logits_match_hf(variant):
-    ours = load_model(variant, torch.device("cpu"), torch.float32)
-    hf = hf_nf4(variant)
+def prefill_logits(ours, hf):
+    """(our logits, HF's) for one 37-token prompt prefilled at once."""
     attach_cache(ours)
     ids = torch.randint(3, 49152, (37,), generator=torch.Generator().manual_seed(0))
     n = len(ids)
     ctx = StepContext(True, torch.arange(n), torch.arange(n), cu_seqlens=[0, n], logits_index=torch.arange(n))
     with torch.inference_mode():
-        got = OutputHead(ours.lm_head.weight).logits(ours(ids, ctx))
-        want = hf(ids[None]).logits[0].float()
+        return OutputHead(ours.lm_head.weight).logits(ours(ids, ctx)), hf(ids[None]).logits[0].float()
+
+
+def test_prefill_logits_match_hf(variant):
+    ours = load_model(variant, torch.device("cpu"), torch.float32)
+    hf = hf_nf4(variant)
+    got, want = prefill_logits(ours, hf)
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
 
 
