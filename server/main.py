@@ -69,7 +69,7 @@ async def start(config: ServerConfig) -> Running:
     """Loads the model, starts listening (NOT_SERVING), warms up, then reports SERVING. Metrics count from
     then on, so the warm-up is not in them."""
     from .build import launch_engine
-    from .rpc.server import build_server
+    from .rpc.server import build_server, local_services
 
     # the threads every handler's blocking work runs on (engine intake with its tokenizing, Tokenize, adapter
     # administration), so that none of it holds up the event loop
@@ -83,7 +83,7 @@ async def start(config: ServerConfig) -> Running:
         print(f"loraplex metrics on http://{host}:{metrics_server.server_address[1]}/metrics", flush=True)
     try:
         engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
-        server, health, port = build_server(config, engine, model, metrics)
+        server, health, port = build_server(config, *local_services(config, engine, model, metrics), metrics)
     except BaseException:
         if metrics_server is not None:
             metrics_server.shutdown()

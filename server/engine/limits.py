@@ -16,7 +16,7 @@ class EngineLimits:
         max_new_tokens exceed a limit; kv_capacity is the whole KV cache, in tokens."""
         window = self.max_sequence_length
         if not ids:
-            raise InvalidArgumentError("text", "the prompt encodes to no tokens")
+            raise InvalidArgumentError("prompt", "the prompt encodes to no tokens")
         limit = self.max_prompt_tokens
         if limit and len(ids) > limit:
             raise InvalidArgumentError(
@@ -28,7 +28,7 @@ class EngineLimits:
                         f"shorten it or set truncate_input_tokens")
         new_tokens = request.stopping.max_new_tokens
         if new_tokens > self.max_new_tokens:
-            raise InvalidArgumentError("params.stopping.max_new_tokens",
+            raise InvalidArgumentError("max_new_tokens",
                                        f"must be <= {self.max_new_tokens}, got {new_tokens}")
         if min(len(ids) + new_tokens, window) > kv_capacity:
             raise ResourceExhaustedError(f"prompt + max_new_tokens needs more than the whole KV cache "

@@ -13,7 +13,7 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
             raise InvalidArgumentError(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, "
                                                               f"got {message.get('role')!r}")
     if not tokenizer.chat_template:
-        raise InvalidArgumentError("messages", "this model has no chat template; send text instead")
+        raise InvalidArgumentError("prompt", "this model has no chat template; send text instead")
     text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
 

@@ -23,19 +23,19 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature == 0 or TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]):
-            raise InvalidArgumentError("params.sampling.temperature",
+            raise InvalidArgumentError("temperature",
                                        f"must be 0 (greedy) or in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}], "
                                        f"got {self.temperature}")
         if not 0 <= self.top_k < 2**31:
-            raise InvalidArgumentError("params.sampling.top_k", f"must be in [0, 2^31), got {self.top_k}")
+            raise InvalidArgumentError("top_k", f"must be in [0, 2^31), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise InvalidArgumentError("params.sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+            raise InvalidArgumentError("top_p", f"must be in (0, 1], got {self.top_p}")
         if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
-            raise InvalidArgumentError("params.sampling.repetition_penalty",
+            raise InvalidArgumentError("repetition_penalty",
                                        f"must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}], "
                                        f"got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidArgumentError("params.sampling.seed", f"must be in [0, 2^63), got {self.seed}")
+            raise InvalidArgumentError("seed", f"must be in [0, 2^63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -57,20 +57,20 @@ class StoppingParams:
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
-            raise InvalidArgumentError("params.stopping.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+            raise InvalidArgumentError("max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise InvalidArgumentError("params.stopping.min_new_tokens",
+            raise InvalidArgumentError("min_new_tokens",
                                        f"must be in [0, max_new_tokens={self.max_new_tokens}], "
                                        f"got {self.min_new_tokens}")
         if any(not s for s in self.stop_sequences):
-            raise InvalidArgumentError("params.stopping.stop_sequences", "must not contain an empty string")
+            raise InvalidArgumentError("stop_sequences", "must not contain an empty string")
         if len(self.stop_sequences) > MAX_STOP_SEQUENCES:
-            raise InvalidArgumentError("params.stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+            raise InvalidArgumentError("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
         if any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in self.stop_sequences):
-            raise InvalidArgumentError("params.stopping.stop_sequences",
+            raise InvalidArgumentError("stop_sequences",
                                        f"each must be at most {MAX_STOP_SEQUENCE_CHARS} characters long")
         if self.time_limit_millis < 0:
-            raise InvalidArgumentError("params.stopping.time_limit_millis", "must be >= 0")
+            raise InvalidArgumentError("time_limit_millis", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class ResponseOptions:
 
     def __post_init__(self):
         if not 0 <= self.top_n_tokens <= 20:
-            raise InvalidArgumentError("params.response.top_n_tokens", f"must be in [0, 20], got {self.top_n_tokens}")
+            raise InvalidArgumentError("top_n_tokens", f"must be in [0, 20], got {self.top_n_tokens}")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ class GenerationRequest:
     def __post_init__(self):
         if isinstance(self.prompt, str):
             if not self.prompt:
-                raise InvalidArgumentError("text", "the prompt is empty")
+                raise InvalidArgumentError("prompt", "the prompt is empty")
         elif not self.prompt:
-            raise InvalidArgumentError("messages", "no messages given")
+            raise InvalidArgumentError("prompt", "no messages given")
         if self.truncate_input_tokens < 0:
             raise InvalidArgumentError("truncate_input_tokens", "must be >= 0")

@@ -6,6 +6,14 @@ from ..engine.request import GenerationRequest, ResponseOptions, SamplingParams,
 from ..engine.sequence import RequestOutput
 from ..errors import InvalidArgumentError
 
+# The logical request fields (engine/request.py) that the gRPC API nests, by their paths in GenerateRequest.
+FIELD_PATHS = {
+    **{f: f"params.sampling.{f}" for f in ("temperature", "top_k", "top_p", "seed", "repetition_penalty")},
+    **{f: f"params.stopping.{f}" for f in ("max_new_tokens", "min_new_tokens", "stop_sequences",
+                                            "include_stop_sequence", "time_limit_millis")},
+    **{f: f"params.response.{f}" for f in ("token_logprobs", "top_n_tokens")},
+}
+
 # A request id is echoed in every streamed chunk and every log line: bounded, and printable in both.
 MAX_REQUEST_ID_CHARS = 256
 
@@ -43,6 +51,17 @@ def _request_id(value: str) -> str:
         raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters "
                                                  f"(no control characters), got {value[:40]!r}")
     return value
+
+
+def on_the_wire(exc: Exception, msg: pb.GenerateRequest) -> Exception:
+    """exc, naming the field at fault by its path in msg (the prompt is `text` or `messages`)."""
+    if not isinstance(exc, InvalidArgumentError):
+        return exc
+    if exc.field == "prompt":
+        return exc.renamed(msg.WhichOneof("prompt") or "text")
+    if exc.field.startswith("messages["):
+        return exc.renamed("messages." + exc.field)
+    return exc.renamed(FIELD_PATHS.get(exc.field, exc.field))
 
 
 def to_response(out: RequestOutput, text: str | None = None, tokens=None) -> pb.GenerateResponse:

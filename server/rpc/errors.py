@@ -1,4 +1,4 @@
-"""The one place engine errors become gRPC status codes."""
+"""The one place engine errors become gRPC status codes (by the canonical names errors.py gives them)."""
 
 import logging
 
@@ -8,21 +8,9 @@ from .. import errors
 
 log = logging.getLogger(__name__)
 
-STATUS = {
-    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    errors.InternalError: grpc.StatusCode.INTERNAL,
-}
-
 
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    for kind, code in STATUS.items():
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode[errors.status_of(exc)], errors.message_of(exc)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: Exception):

@@ -12,6 +12,8 @@ from ..build import ModelDescription
 from ..config import ServerConfig
 from ..engine.engine import Engine
 from ..metrics import NO_METRICS, Metrics
+from ..model_facts import EngineFacts
+from ..session import EngineStreams, RequestSession
 from .decode import DecodeRequests
 from .generation import GenerationService
 from .security import TokenAuth, server_credentials
@@ -58,22 +60,32 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.http2.max_ping_strikes", 2)]
 
 
-def build_server(config: ServerConfig, engine: Engine, model: ModelDescription,
+def local_services(config: ServerConfig, engine: Engine, model: ModelDescription, metrics: Metrics | None = None):
+    """The servicers of a server that runs its engine in this process."""
+    session = RequestSession(EngineStreams(engine), config.log_prompts, metrics or NO_METRICS)
+    generation = GenerationService(session, EngineFacts(engine, model, config.max_batch_size),
+                                   config.default_max_new_tokens)
+    adapters = None
+    if engine.adapters is not None and config.adapter_service:
+        from .adapters import AdapterService
+
+        adapters = AdapterService(engine.adapters, engine.weights, config.merge_method)
+    return generation, adapters
+
+
+def build_server(config: ServerConfig, generation, adapters=None,
                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, Health, int]:
+    """A server of the generation servicer and, if given, the adapter servicer (this process's, or a cluster
+    front's), with health, reflection, authentication and the transport limits."""
     credentials = server_credentials(config)
     auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token},
                      (metrics or NO_METRICS).unauthenticated)
     server = grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                              interceptors=[auth, DecodeRequests()])   # auth first: refusals parse nothing
-    service = GenerationService(engine, model, config.default_max_new_tokens, config.max_batch_size,
-                                config.log_prompts, metrics or NO_METRICS)
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     services = (GENERATION,)
-    if engine.adapters is not None and config.adapter_service:
-        from .adapters import AdapterService
-
-        servicer = AdapterService(engine.adapters, engine.weights, config.merge_method)
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(servicer, server)
+    if adapters is not None:
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, server)
         services += (ADAPTERS,)
     health_ = Health(services)
     health_pb2_grpc.add_HealthServicer_to_server(health_.servicer, server)

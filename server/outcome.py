@@ -1,18 +1,19 @@
 """How each generation request ended: one structured (JSON) log line on the `loraplex.requests` logger, and
-its outcome in the metrics (success by stop reason, or failure by reason, see metrics.py).
+its outcome in the metrics (success by stop reason, or failure by reason, see metrics.py). Every transport
+records through here (see session.py).
 
-Log fields: request id, adapter, tokens in and out, how it ended (stop reason, or the status of an error or
-a cancellation), time to first token and total time. The prompt text is never logged unless the server runs
-with --log-prompts.
+Log fields: request id, adapter, tokens in and out, how it ended (stop reason, or the canonical status of an
+error or a cancellation), time to first token and total time. The prompt text is never logged unless the
+server runs with --log-prompts.
 """
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 
-from ..errors import LoraplexError
-from ..metrics import NO_METRICS, Metrics
-from .errors import status_for
+from .errors import LoraplexError, status_of
+from .metrics import NO_METRICS, Metrics
 
 log = logging.getLogger("loraplex.requests")
 
@@ -20,14 +21,22 @@ log = logging.getLogger("loraplex.requests")
 DEADLINE_SLACK_S = 0.1
 
 
-class RequestLog:
-    def __init__(self, request, include_prompt: bool, metrics: Metrics = NO_METRICS):
+@dataclass(frozen=True)
+class Arrival:
+    """What a transport knows of a request before it is validated: enough to log it."""
+    request_id: str = ""
+    adapter_id: str = ""
+    prompt: object = None            # text, or chat messages; logged only with --log-prompts
+
+
+class Outcome:
+    def __init__(self, arrival: Arrival, include_prompt: bool, metrics: Metrics = NO_METRICS):
         self.started = time.monotonic()
         self.metrics = metrics
         self.first_token: float | None = None
-        self.fields = {"request_id": request.request_id or None, "adapter": request.adapter_id or None}
+        self.fields = {"request_id": arrival.request_id or None, "adapter": arrival.adapter_id or None}
         if include_prompt:
-            self.fields["prompt"] = request.text or [(m.role, m.content) for m in request.messages.messages]
+            self.fields["prompt"] = arrival.prompt
 
     def output(self, out) -> None:
         if self.first_token is None and out.generated_token_count:
@@ -39,9 +48,9 @@ class RequestLog:
         self.metrics.succeeded(stop_reason, time.monotonic() - self.started)
         self._write(stop_reason)
 
-    def failed(self, error: LoraplexError) -> None:
-        self.metrics.failed(getattr(error, "reason", "internal"))
-        self._write(status_for(error)[0].name)
+    def failed(self, error: BaseException) -> None:
+        self.metrics.failed(error.reason if isinstance(error, LoraplexError) else "internal")
+        self._write(status_of(error))
 
     def abandoned(self, time_remaining: float | None) -> None:
         """The client went away before the end: it cancelled, or its deadline passed."""
