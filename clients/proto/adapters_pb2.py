@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"\xe5\x01\n\tMergeInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.loraplex.v1.MergeState\x12(\n\x06method\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.MergeMethod\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x10\n\x08retained\x18\x05 \x01(\x02\x12\x19\n\x11retained_by_layer\x18\x06 \x03(\x02\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\x12\x0f\n\x07warning\x18\t \x01(\t\"\x9f\x03\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x32\n\x05ranks\x18\x06 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x04\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x18\n\x10running_requests\x18\r \x01(\r\x12%\n\x05merge\x18\x0e \x01(\x0b\x32\x16.loraplex.v1.MergeInfo\x1a,\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"S\n\x13MergeAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x06method\x18\x02 \x01(\x0e\x32\x18.loraplex.v1.MergeMethod\"\x17\n\x15UnmergeAdapterRequest*Q\n\x0bMergeMethod\x12\x1c\n\x18MERGE_METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05\x44\x45NSE\x10\x01\x12\x0e\n\nREQUANTIZE\x10\x02\x12\t\n\x05\x45XACT\x10\x03*P\n\nMergeState\x12\x1b\n\x17MERGE_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MERGING\x10\x01\x12\n\n\x06MERGED\x10\x02\x12\x0c\n\x08UNMERGED\x10\x03*T\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07ON_DISK\x10\x01\x12\n\n\x06LOADED\x10\x02\x12\x0c\n\x08UNLOADED\x10\x03*K\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ISK\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\n\n\x06\x44\x45VICE\x10\x03\x32\xdd\x03\n\x0e\x41\x64\x61pterService\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x46\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12H\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12L\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12H\n\x0cMergeAdapter\x12 .loraplex.v1.MergeAdapterRequest\x1a\x16.loraplex.v1.MergeInfo\x12L\n\x0eUnmergeAdapter\x12\".loraplex.v1.UnmergeAdapterRequest\x1a\x16.loraplex.v1.MergeInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"\xe5\x01\n\tMergeInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.loraplex.v1.MergeState\x12(\n\x06method\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.MergeMethod\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x10\n\x08retained\x18\x05 \x01(\x02\x12\x19\n\x11retained_by_layer\x18\x06 \x03(\x02\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\x12\x0f\n\x07warning\x18\t \x01(\t\"\xe2\x03\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x32\n\x05ranks\x18\x06 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x04\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x18\n\x10running_requests\x18\r \x01(\r\x12%\n\x05merge\x18\x0e \x01(\x0b\x32\x16.loraplex.v1.MergeInfo\x12\x10\n\x08replicas\x18\x0f \x03(\t\x12/\n\nby_replica\x18\x10 \x03(\x0b\x32\x1b.loraplex.v1.ReplicaAdapter\x1a,\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xb1\x01\n\x0eReplicaAdapter\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12&\n\x04tier\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x18\n\x10running_requests\x18\x06 \x01(\r\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"F\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\x12\x0f\n\x07replica\x18\x03 \x01(\t\";\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"d\n\x13MergeAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x06method\x18\x02 \x01(\x0e\x32\x18.loraplex.v1.MergeMethod\x12\x0f\n\x07replica\x18\x03 \x01(\t\"(\n\x15UnmergeAdapterRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t*Q\n\x0bMergeMethod\x12\x1c\n\x18MERGE_METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05\x44\x45NSE\x10\x01\x12\x0e\n\nREQUANTIZE\x10\x02\x12\t\n\x05\x45XACT\x10\x03*P\n\nMergeState\x12\x1b\n\x17MERGE_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MERGING\x10\x01\x12\n\n\x06MERGED\x10\x02\x12\x0c\n\x08UNMERGED\x10\x03*T\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07ON_DISK\x10\x01\x12\n\n\x06LOADED\x10\x02\x12\x0c\n\x08UNLOADED\x10\x03*K\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ISK\x10\x01\x12\x08\n\x04HOST\x10\x02\x12\n\n\x06\x44\x45VICE\x10\x03\x32\xdd\x03\n\x0e\x41\x64\x61pterService\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x46\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12H\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12L\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12H\n\x0cMergeAdapter\x12 .loraplex.v1.MergeAdapterRequest\x1a\x16.loraplex.v1.MergeInfo\x12L\n\x0eUnmergeAdapter\x12\".loraplex.v1.UnmergeAdapterRequest\x1a\x16.loraplex.v1.MergeInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERINFO_RANKSENTRY']._loaded_options = None
   _globals['_ADAPTERINFO_RANKSENTRY']._serialized_options = b'8\001'
-  _globals['_MERGEMETHOD']._serialized_start=1034
-  _globals['_MERGEMETHOD']._serialized_end=1115
-  _globals['_MERGESTATE']._serialized_start=1117
-  _globals['_MERGESTATE']._serialized_end=1197
-  _globals['_ADAPTERSTATE']._serialized_start=1199
-  _globals['_ADAPTERSTATE']._serialized_end=1283
-  _globals['_ADAPTERTIER']._serialized_start=1285
-  _globals['_ADAPTERTIER']._serialized_end=1360
+  _globals['_MERGEMETHOD']._serialized_start=1349
+  _globals['_MERGEMETHOD']._serialized_end=1430
+  _globals['_MERGESTATE']._serialized_start=1432
+  _globals['_MERGESTATE']._serialized_end=1512
+  _globals['_ADAPTERSTATE']._serialized_start=1514
+  _globals['_ADAPTERSTATE']._serialized_end=1598
+  _globals['_ADAPTERTIER']._serialized_start=1600
+  _globals['_ADAPTERTIER']._serialized_end=1675
   _globals['_MERGEINFO']._serialized_start=44
   _globals['_MERGEINFO']._serialized_end=273
   _globals['_ADAPTERINFO']._serialized_start=276
-  _globals['_ADAPTERINFO']._serialized_end=691
-  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_start=647
-  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_end=691
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=693
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=714
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=716
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=782
-  _globals['_GETADAPTERREQUEST']._serialized_start=784
-  _globals['_GETADAPTERREQUEST']._serialized_end=823
-  _globals['_LOADADAPTERREQUEST']._serialized_start=825
-  _globals['_LOADADAPTERREQUEST']._serialized_end=878
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=880
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=922
-  _globals['_MERGEADAPTERREQUEST']._serialized_start=924
-  _globals['_MERGEADAPTERREQUEST']._serialized_end=1007
-  _globals['_UNMERGEADAPTERREQUEST']._serialized_start=1009
-  _globals['_UNMERGEADAPTERREQUEST']._serialized_end=1032
-  _globals['_ADAPTERSERVICE']._serialized_start=1363
-  _globals['_ADAPTERSERVICE']._serialized_end=1840
+  _globals['_ADAPTERINFO']._serialized_end=758
+  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_start=714
+  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_end=758
+  _globals['_REPLICAADAPTER']._serialized_start=761
+  _globals['_REPLICAADAPTER']._serialized_end=938
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=940
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=961
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=963
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1029
+  _globals['_GETADAPTERREQUEST']._serialized_start=1031
+  _globals['_GETADAPTERREQUEST']._serialized_end=1070
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1072
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1142
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1144
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1203
+  _globals['_MERGEADAPTERREQUEST']._serialized_start=1205
+  _globals['_MERGEADAPTERREQUEST']._serialized_end=1305
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_start=1307
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_end=1347
+  _globals['_ADAPTERSERVICE']._serialized_start=1678
+  _globals['_ADAPTERSERVICE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

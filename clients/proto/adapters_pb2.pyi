@@ -74,7 +74,7 @@ class MergeInfo(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[MergeState, str]] = ..., method: _Optional[_Union[MergeMethod, str]] = ..., version: _Optional[int] = ..., retained: _Optional[float] = ..., retained_by_layer: _Optional[_Iterable[float]] = ..., size_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "state", "tier", "version", "rank", "ranks", "alpha", "target_modules", "format", "size_bytes", "error", "pinned", "running_requests", "merge")
+    __slots__ = ("adapter_id", "state", "tier", "version", "rank", "ranks", "alpha", "target_modules", "format", "size_bytes", "error", "pinned", "running_requests", "merge", "replicas", "by_replica")
     class RanksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class AdapterInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    BY_REPLICA_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     state: AdapterState
     tier: AdapterTier
@@ -110,7 +112,25 @@ class AdapterInfo(_message.Message):
     pinned: bool
     running_requests: int
     merge: MergeInfo
-    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., ranks: _Optional[_Mapping[str, int]] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ..., merge: _Optional[_Union[MergeInfo, _Mapping]] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    by_replica: _containers.RepeatedCompositeFieldContainer[ReplicaAdapter]
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., ranks: _Optional[_Mapping[str, int]] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ..., merge: _Optional[_Union[MergeInfo, _Mapping]] = ..., replicas: _Optional[_Iterable[str]] = ..., by_replica: _Optional[_Iterable[_Union[ReplicaAdapter, _Mapping]]] = ...) -> None: ...
+
+class ReplicaAdapter(_message.Message):
+    __slots__ = ("replica_id", "state", "tier", "version", "pinned", "running_requests")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    state: AdapterState
+    tier: AdapterTier
+    version: int
+    pinned: bool
+    running_requests: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., version: _Optional[int] = ..., pinned: _Optional[bool] = ..., running_requests: _Optional[int] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
@@ -129,27 +149,35 @@ class GetAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "pin")
+    __slots__ = ("adapter_id", "pin", "replica")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     pin: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "replica")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    replica: str
+    def __init__(self, adapter_id: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class MergeAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "method")
+    __slots__ = ("adapter_id", "method", "replica")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     method: MergeMethod
-    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[_Union[MergeMethod, str]] = ...) -> None: ...
+    replica: str
+    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[_Union[MergeMethod, str]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class UnmergeAdapterRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("replica",)
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    def __init__(self, replica: _Optional[str] = ...) -> None: ...

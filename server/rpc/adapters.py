@@ -1,15 +1,12 @@
-"""loraplex.v1.AdapterService: adapter administration, translated to and from the adapter loader and the
-engine's weight sets (merges)."""
-
-import asyncio
-from concurrent.futures import Future
+"""loraplex.v1.AdapterService: adapter administration translated to and from admin.py (an engine in this
+process); cluster/admin.py serves the same service over a cluster's replicas with these translations."""
 
 from loraplex.v1 import adapters_pb2 as pb
 from loraplex.v1 import adapters_pb2_grpc as pb_grpc
 
-from ...adapters.loader import AdapterLoader
 from ...adapters.registry import AdapterStatus
-from ..engine.weight_sets import MergeStatus, WeightSets
+from ..admin import AdapterAdmin
+from ..engine.weight_sets import MergeStatus
 from ..errors import InvalidArgumentError
 from .errors import abort_with
 
@@ -38,54 +35,48 @@ def to_merge_info(status: MergeStatus) -> pb.MergeInfo:
 
 
 class AdapterService(pb_grpc.AdapterServiceServicer):
-    def __init__(self, adapters: AdapterLoader, weights: WeightSets, default_method: str):
-        self.adapters = adapters
-        self.weights = weights
-        self.default_method = default_method
+    """Over an engine in this process (admin.py); the `replica` field of a request names a cluster replica
+    and has no meaning here: it must be empty."""
+
+    def __init__(self, admin: AdapterAdmin):
+        self.admin = admin
 
     async def ListAdapters(self, request, context):
-        statuses = await self._call(context, self.adapters.catalog)
-        merged = self.weights.status()
+        statuses, merged = await _answer(context, self.admin.catalog)
         return pb.ListAdaptersResponse(adapters=[to_info(s, merged) for s in statuses])
 
     async def GetAdapter(self, request, context):
-        return to_info(await self._call(context, lambda: self.adapters.describe(_id(request))), self.weights.status())
+        return to_info(*await _answer(context, lambda: self.admin.describe(request.adapter_id)))
 
     async def LoadAdapter(self, request, context):
-        status = await self._call(context, lambda: self.adapters.load(_id(request), request.pin))
-        return to_info(status, self.weights.status())
+        return to_info(*await _answer(context, lambda: self.admin.load(request.adapter_id, request.pin), request))
 
     async def UnloadAdapter(self, request, context):
-        def unload():
-            self.weights.unmerge_if(_id(request))
-            return self.adapters.unload(_id(request))
-        return to_info(await self._call(context, unload))
+        return to_info(*await _answer(context, lambda: self.admin.unload(request.adapter_id), request))
 
     async def MergeAdapter(self, request, context):
-        return to_merge_info(await self._call(context, lambda: self.weights.merge(_id(request), self._method(request))))
+        merge = lambda: self.admin.merge(request.adapter_id, method_name(request))   # noqa: E731
+        return to_merge_info(await _answer(context, merge, request))
 
     async def UnmergeAdapter(self, request, context):
-        return to_merge_info(await self._call(context, self.weights.unmerge))
-
-    def _method(self, request) -> str:
-        if request.method == pb.MERGE_METHOD_UNSPECIFIED:
-            return self.default_method
-        for name, value in METHODS.items():
-            if value == request.method:
-                return name
-        raise InvalidArgumentError("method", f"{request.method} is not a merge method (DENSE, REQUANTIZE, EXACT)")
-
-    async def _call(self, context, fn):
-        """fn looks at the disk: it runs on an executor thread, off the event loop; a load returns a future
-        of the loader's administrative thread, awaited here. Errors are mapped to statuses."""
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(None, fn)
-            return await asyncio.wrap_future(result) if isinstance(result, Future) else result
-        except Exception as exc:   # noqa: BLE001 - abort_with maps each kind, the unexpected to INTERNAL
-            await abort_with(context, exc)
+        return to_merge_info(await _answer(context, self.admin.unmerge, request))
 
 
-def _id(request) -> str:
-    if not request.adapter_id:
-        raise InvalidArgumentError("adapter_id", "is empty")
-    return request.adapter_id
+def method_name(request) -> str:
+    """The merge method a request names; "" = the server's default."""
+    if request.method == pb.MERGE_METHOD_UNSPECIFIED:
+        return ""
+    for name, value in METHODS.items():
+        if value == request.method:
+            return name
+    raise InvalidArgumentError("method", f"{request.method} is not a merge method (DENSE, REQUANTIZE, EXACT)")
+
+
+async def _answer(context, call, request=None):
+    """call()'s result; its error (or a replica named on a single server) ends the RPC with its status."""
+    try:
+        if request is not None and request.replica:
+            raise InvalidArgumentError("replica", f"{request.replica!r}: this server runs no replicas")
+        return await call()
+    except Exception as exc:   # noqa: BLE001 - abort_with maps each kind, the unexpected to INTERNAL
+        await abort_with(context, exc)

@@ -67,9 +67,10 @@ def local_services(config: ServerConfig, engine: Engine, model: ModelDescription
                                    config.default_max_new_tokens)
     adapters = None
     if engine.adapters is not None and config.adapter_service:
+        from ..admin import AdapterAdmin
         from .adapters import AdapterService
 
-        adapters = AdapterService(engine.adapters, engine.weights, config.merge_method)
+        adapters = AdapterService(AdapterAdmin(engine.adapters, engine.weights, config.merge_method))
     return generation, adapters
 
 
