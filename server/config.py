@@ -95,6 +95,14 @@ class ServerConfig:
     threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
     warmup: bool = _opt(True, "run one short generation before reporting SERVING")
     shutdown_grace_seconds: int = _opt(30, "on SIGTERM, how long running requests may take to finish")
+    replicas: int = _opt(0, "0 = the engine runs in this process; N = this server is a front for N engine "
+                            "replicas on Ray Serve, routed by adapter (needs loraplex[cluster]; docs/cluster.md)")
+    replica_cpus: float = _opt(1.0, "CPUs each replica reserves (and its torch threads, unless --threads)")
+    replica_gpus: float = _opt(0.0, "GPUs each replica reserves (1 with --device cuda)")
+    ray_address: str = _opt("", "Ray cluster to run the replicas on (e.g. auto); empty = start a local one on "
+                                "loopback with replicas x replica-cpus CPUs")
+    serve_app: str = _opt("loraplex", "name of the Serve application of the replicas; on --ray-address, one "
+                                      "already running under this name (deployed from a Serve config) is used")
 
     def __post_init__(self):
         positive = ["quant_blocksize", "quant_group_size", "kv_cache_mb", "kv_block_size", "max_batch_size", "max_prefill_tokens",
@@ -106,7 +114,7 @@ class ServerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens",
-                     "metrics_port", "metrics_top_adapters"):
+                     "metrics_port", "metrics_top_adapters", "replicas", "replica_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:
@@ -134,6 +142,8 @@ class ServerConfig:
             raise ValueError(f"auto_merge_max_wait_seconds must be positive, got {self.auto_merge_max_wait_seconds}")
         if self.merge_adapter and not self.adapter_root_paths():
             raise ValueError("merge_adapter needs adapter_roots")
+        if self.replica_cpus <= 0:
+            raise ValueError(f"replica_cpus must be positive, got {self.replica_cpus}")
         if self.adapter_preload_ids() and not self.adapter_root_paths():
             raise ValueError("adapter_preload needs adapter_roots")
         if len(self.adapter_preload_ids()) > self.adapter_slots:

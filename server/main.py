@@ -63,6 +63,7 @@ class Running:
     metrics: Metrics | None = None
     metrics_server: object = None       # the HTTP server of /metrics
     metrics_port: int = 0
+    health_watch: object = None         # on a cluster: the task keeping health in step with the replicas
 
 
 async def start(config: ServerConfig) -> Running:
@@ -82,8 +83,14 @@ async def start(config: ServerConfig) -> Running:
         metrics_server = metrics.serve(host, config.metrics_port)
         print(f"loraplex metrics on http://{host}:{metrics_server.server_address[1]}/metrics", flush=True)
     try:
-        engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
-        server, health, port = build_server(config, *local_services(config, engine, model, metrics), metrics)
+        if config.replicas:
+            from .cluster.launch import start_replicas
+
+            engine, model, services = await start_replicas(config, metrics)
+        else:
+            engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
+            services = local_services(config, engine, model, metrics)
+        server, health, port = build_server(config, *services, metrics)
     except BaseException:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -91,16 +98,20 @@ async def start(config: ServerConfig) -> Running:
         raise
     running = Running(server, health, engine, port, model, metrics, metrics_server)
     if metrics is not None:
-        metrics.watch(engine, model)
+        if not config.replicas:
+            metrics.watch(engine, model)
         running.metrics_port = metrics_server.server_address[1]
     await server.start()
     await health.set(False)
     print(f"loraplex listening on {config.host}:{port} (model {model.name}, {model.device}, {model.dtype})",
           flush=True)
-    if config.warmup:
-        await asyncio.get_running_loop().run_in_executor(None, warm_up, engine)
-    if metrics is not None:
-        engine.observe(metrics)
+    if config.replicas:     # replicas warm up and count their own engine metrics
+        running.health_watch = asyncio.create_task(engine.watch_health(health))
+    else:
+        if config.warmup:
+            await asyncio.get_running_loop().run_in_executor(None, warm_up, engine)
+        if metrics is not None:
+            engine.observe(metrics)
     await health.set(True)
     print("loraplex ready: SERVING", flush=True)
     return running

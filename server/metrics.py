@@ -175,15 +175,30 @@ class Metrics(NullMetrics):
         self.registry.register(_EngineCollector(engine))
         self._info.labels(model.name, model.device, model.dtype, model.quantization).set(1)
 
+    def exposed(self):
+        """The families /metrics shows: this registry's; a cluster front shows its replicas' beside its own
+        (cluster/replica_metrics.py) by replacing this."""
+        return self.registry.collect()
+
     def serve(self, host: str, port: int):
         """Starts the HTTP endpoint (/metrics) on a daemon thread; returns the server (its .server_address
         holds the port bound; shut it down with .shutdown())."""
+        exposition = CollectorRegistry()
+        exposition.register(_Exposed(self))
         try:
-            server, _ = start_http_server(port, host, registry=self.registry)
+            server, _ = start_http_server(port, host, registry=exposition)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose "
                                      f"another --metrics-port (0 = any free one) or --no-metrics") from None
         return server
+
+
+class _Exposed:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        return self.metrics.exposed()
 
 
 class TopAdapters:
