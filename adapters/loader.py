@@ -76,6 +76,11 @@ class AdapterLoader:
         self._calls = Calls("loraplex-adapter-admin", lambda: self._new_reader(background_nice))
         self._watcher = None
 
+    def wait_started(self, timeout: float) -> bool:
+        """Blocks until both threads have their reader process (the first start also starts the fork
+        server: ~3.5 s on 2 cores), so that the first read does not wait for it; False on timeout."""
+        return all(worker.started.wait(timeout) for worker in (self._jobs, self._calls))
+
     def observe(self, metrics) -> None:
         self.metrics = self.registry.metrics = metrics
 

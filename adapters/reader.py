@@ -47,6 +47,7 @@ from .formats.peft_files import weights_limit
 
 log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.05      # pause before starting a child after one died; doubles with each death in a row
+READY_TIMEOUT_S = 120.0    # a child that is not set up within this is buried, and a later read tries again
 BACKOFF_MAX_S = 5.0
 READ_TIMEOUT_BASE_S = 60.0          # a start on a busy machine, and the fixed cost of a read
 READ_TIMEOUT_SLOW_BYTES_PER_S = 5e6  # plus the largest legal weights file read at this rate
@@ -184,6 +185,17 @@ class ReaderProcess:
         finally:
             child.close()
         self._proc, self._conn = proc, parent
+        self._await_ready()
+
+    def _await_ready(self) -> None:
+        """The child says so once it is set up (~2 s after it is forked, on 2 cores): until then a read
+        would wait for it, and `start` is meant to spare the first read that wait."""
+        try:
+            if self._conn.poll(READY_TIMEOUT_S) and self._conn.recv() == ("ready",):
+                return
+        except (EOFError, OSError):
+            pass
+        raise RuntimeError(f"the reader process did not get ready ({self._bury()})")
 
     def _bury(self) -> str:
         """Closes the dead child's pipe and reaps it; returns how it ended."""
@@ -226,6 +238,7 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
         except OSError:
             pass
     dtype = getattr(torch, dtype_name)
+    conn.send(("ready",))
     while True:
         try:
             request = conn.recv()

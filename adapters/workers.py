@@ -32,6 +32,7 @@ class _Worker:
         self.setup = setup
         self._cond = threading.Condition()
         self._stopping = False
+        self.started = threading.Event()   # setup() has returned: the resource is there
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -44,6 +45,7 @@ class _Worker:
     def _run(self) -> None:
         native.use_one_thread()
         resource = self.setup()
+        self.started.set()
         try:
             while self._next(resource):
                 pass

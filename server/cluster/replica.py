@@ -17,6 +17,7 @@ from ..errors import FailedPreconditionError, InvalidArgumentError, LoraplexErro
 from ..model_facts import EngineFacts
 from ..session import EngineStreams
 
+READERS_TIMEOUT_S = 120.0
 ADMIN_OPERATIONS = ("catalog", "describe", "load", "unload", "merge", "unmerge")
 
 
@@ -40,6 +41,8 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.engine, self.model = launch_engine(config)
         warm_up(self.engine)
+        if self.engine.adapters is not None:   # ready when Serve routes to it: no first read waits for them
+            self.engine.adapters.wait_started(READERS_TIMEOUT_S)
         self.metrics = Metrics(config.metrics_top_adapters)
         self.metrics.watch(self.engine, self.model)
         self.engine.observe(self.metrics)
