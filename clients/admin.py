@@ -26,6 +26,7 @@ class AdapterInfo:
     pinned: bool
     running_requests: int
     merge: "MergeInfo | None" = None     # while this adapter is merged
+    replicas: tuple = ()                 # on a cluster: the replica ids holding it in memory
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ def _info(message: pb.AdapterInfo) -> AdapterInfo:
     return AdapterInfo(message.adapter_id, pb.AdapterState.Name(message.state), pb.AdapterTier.Name(message.tier),
                        message.version, message.rank, dict(message.ranks), message.alpha,
                        tuple(message.target_modules), message.format, message.size_bytes, message.pinned,
-                       message.running_requests, _merge_info(message.merge) if message.HasField("merge") else None)
+                       message.running_requests, _merge_info(message.merge) if message.HasField("merge") else None,
+                       tuple(message.replicas))
 
 
 def _merge_info(message: pb.MergeInfo) -> MergeInfo:
@@ -69,24 +71,28 @@ class AdapterAdmin:
         with _typed_errors():
             return _info(self._stub.GetAdapter(pb.GetAdapterRequest(adapter_id=adapter_id), **self._kw))
 
-    def load(self, adapter_id: str, pin: bool = False) -> AdapterInfo:
-        with _typed_errors():
-            return _info(self._stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin), **self._kw))
+    # replica: on a cluster front, the one replica (its id) to change; "" = every replica
 
-    def unload(self, adapter_id: str) -> AdapterInfo:
+    def load(self, adapter_id: str, pin: bool = False, replica: str = "") -> AdapterInfo:
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin, replica=replica)
         with _typed_errors():
-            return _info(self._stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw))
+            return _info(self._stub.LoadAdapter(request, **self._kw))
 
-    def merge(self, adapter_id: str, method: str | None = None) -> MergeInfo:
+    def unload(self, adapter_id: str, replica: str = "") -> AdapterInfo:
+        with _typed_errors():
+            return _info(self._stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id, replica=replica),
+                                                  **self._kw))
+
+    def merge(self, adapter_id: str, method: str | None = None, replica: str = "") -> MergeInfo:
         """method: "dense", "requantize", "exact", or None for the server's --merge-method."""
         value = pb.MERGE_METHOD_UNSPECIFIED if method is None else pb.MergeMethod.Value(method.upper())
+        request = pb.MergeAdapterRequest(adapter_id=adapter_id, method=value, replica=replica)
         with _typed_errors():
-            return _merge_info(self._stub.MergeAdapter(pb.MergeAdapterRequest(adapter_id=adapter_id, method=value),
-                                                       **self._kw))
+            return _merge_info(self._stub.MergeAdapter(request, **self._kw))
 
-    def unmerge(self) -> MergeInfo:
+    def unmerge(self, replica: str = "") -> MergeInfo:
         with _typed_errors():
-            return _merge_info(self._stub.UnmergeAdapter(pb.UnmergeAdapterRequest(), **self._kw))
+            return _merge_info(self._stub.UnmergeAdapter(pb.UnmergeAdapterRequest(replica=replica), **self._kw))
 
     def close(self) -> None:
         self._channel.close()

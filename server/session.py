@@ -25,9 +25,12 @@ from .outcome import Arrival, Outcome
 
 
 class Streams(Protocol):
-    def stream(self, request: GenerationRequest, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+    def stream(self, request: GenerationRequest, timeout: float | None = None,
+               incremental: bool = True) -> AsyncIterator[RequestOutput]:
         """The request's outputs, the last one finished; raises the request's error. `timeout` (seconds)
-        is what is left of the caller's deadline: past it the work stops with DeadlineExceededError."""
+        is what is left of the caller's deadline: past it the work stops with DeadlineExceededError.
+        incremental=False: the caller only wants the whole answer, so outputs may come all at the end
+        (a cluster then makes one call to a replica instead of a stream)."""
 
 
 class EngineStreams:
@@ -38,7 +41,8 @@ class EngineStreams:
         self.engine = engine
         self.enforce_deadlines = enforce_deadlines
 
-    async def stream(self, request: GenerationRequest, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: GenerationRequest, timeout: float | None = None,
+                     incremental: bool = True) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         await self._add(request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
@@ -85,14 +89,16 @@ class RequestSession:
         self.metrics = metrics
 
     async def run(self, arrival: Arrival, build: Callable[[], GenerationRequest],
-                  time_remaining: Callable[[], float | None] = lambda: None) -> AsyncIterator[RequestOutput]:
+                  time_remaining: Callable[[], float | None] = lambda: None,
+                  incremental: bool = True) -> AsyncIterator[RequestOutput]:
         """build() validates the wire message into a request (raising InvalidArgumentError); time_remaining()
-        is what is left of the caller's deadline, in seconds (None: no deadline)."""
+        is what is left of the caller's deadline, in seconds (None: no deadline); incremental: see Streams."""
         outcome = Outcome(arrival, self.log_prompts, self.metrics)
         ended = False
         try:
             request = build()
-            async with contextlib.aclosing(self.streams.stream(request, time_remaining())) as outputs:
+            outputs = self.streams.stream(request, time_remaining(), incremental)
+            async with contextlib.aclosing(outputs):
                 async for out in outputs:
                     outcome.output(out)
                     if out.finished:

@@ -7,8 +7,10 @@ statuses and messages of bad requests must equal the single server's. KV memory 
 read from the front's /metrics (each replica's engine gauges, labelled by replica).
 """
 
+import pathlib
 import random
 import subprocess
+import sys
 import threading
 import time
 
@@ -17,9 +19,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster_front import FrontProcess, listening_sockets, ray_processes_of, replica_pids, wait_for
+from cluster_front import listening_sockets, ray_processes_of, replica_pids, wait_for
 from prometheus import Prometheus, binary
 from servers import ServerThread
+from loraplex.bench.front_process import FrontProcess
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc as apb_grpc
 from loraplex.v1 import generation_pb2 as pb
@@ -161,15 +164,17 @@ def test_cancel_mid_stream_frees_the_replicas_kv(stubs, front):
 
 
 def test_deadline_travels_and_frees_the_replicas_kv(stubs, front):
+    """A unary call (one replica call, not a stream) whose deadline passes mid-generation."""
     gen, _, _ = stubs
     with pytest.raises(grpc.RpcError) as info:
-        for _ in gen.GenerateStream(request("Tell me a story", "", new=1000), timeout=0.6):
-            pass
+        gen.Generate(request("Tell me a story", "s2", new=1000), timeout=0.6)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: sum(running(front).values()) == 0 and kv_usage(front) == 0, 5), running(front)
 
 
-def test_admin_reaches_every_replica_or_a_named_one(stubs):
+def test_admin_reaches_every_replica_or_a_named_one(stubs, front, capsys):
+    from loraplex.clients.cli import main
+
     _, admin, _ = stubs
     listed = {a.adapter_id: a for a in admin.ListAdapters(apb.ListAdaptersRequest(), timeout=60).adapters}
     replicas = sorted(r.replica_id for r in listed[SPARE].by_replica)
@@ -181,6 +186,10 @@ def test_admin_reaches_every_replica_or_a_named_one(stubs):
     assert sorted(admin.GetAdapter(apb.GetAdapterRequest(adapter_id=SPARE), timeout=60).replicas) == replicas
     gone = admin.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=SPARE), timeout=60)
     assert list(gone.replicas) == []
+    capsys.readouterr()
+    assert main(["adapters", "load", SPARE, "--replica", replicas[1], "--target", front.target]) == 0
+    assert main(["adapters", "list", "--target", front.target]) == 0
+    assert f"on {replicas[1]}" in [line for line in capsys.readouterr().out.splitlines() if line.startswith(SPARE)][0]
     with pytest.raises(grpc.RpcError) as info:
         admin.LoadAdapter(apb.LoadAdapterRequest(adapter_id=SPARE, replica="no-such-replica"), timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -263,3 +272,48 @@ def test_sigterm_drains_like_a_single_server(stubs, front):
     assert results == [150, 150, 150]
     assert front.proc.wait(90) == 0
     assert wait_for(lambda: not ray_processes_of(), 30), ray_processes_of()
+
+
+def test_a_front_uses_replicas_deployed_from_the_documented_serve_config(tiny_model_dir, adapter_root, tmp_path):
+    """An existing Ray cluster (`ray start --head`), the replicas deployed by `serve run` from
+    docs/cluster/serve-config.yaml (its args pointed at the tiny model), and a front that finds them."""
+    import os
+    import tempfile
+
+    import yaml
+
+    config = yaml.safe_load((pathlib.Path(__file__).parents[1] / "docs/cluster/serve-config.yaml").read_text())
+    config["applications"][0]["args"].update(replicas=1, **flags(tiny_model_dir, adapter_root))
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}      # `ray start` made a token (~/.ray/auth_token): its clients send it
+    address = f"127.0.0.1:{_free_port()}"
+    temp = tempfile.mkdtemp(prefix="loraplex-ray-")
+    bin_dir = pathlib.Path(sys.executable).parent
+    subprocess.run([bin_dir / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address[10:]}",
+                    "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        subprocess.run([bin_dir / "serve", "run", str(tmp_path / "serve.yaml"), "--address", address,
+                        "--non-blocking"], env=env, check=True, capture_output=True, timeout=300)
+        for _ in range(2):          # the second front finds the application the first one left running
+            front = FrontProcess(f"--ray-address={address}", "--replicas=1", env=env)
+            try:
+                assert "using the running Serve application 'loraplex'" in "".join(front.lines)
+                with grpc.insecure_channel(front.target) as channel:
+                    gen = pb_grpc.GenerationServiceStub(channel)
+                    assert answer(gen, request("Hello", "s0", new=5))[0] == 5
+                assert front.terminate(60) == 0
+            finally:
+                front.kill()
+    finally:
+        subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert wait_for(lambda: not ray_processes_of(), 30), ray_processes_of()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

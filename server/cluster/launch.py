@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 
 from ..config import ServerConfig
 from ..build import ModelDescription
@@ -98,23 +99,38 @@ async def start_replicas(config: ServerConfig, metrics: Metrics | None):
         metrics.exposed = FrontAndReplicas(metrics.registry, handle, loop).collect
     session = RequestSession(streams, config.log_prompts, metrics or NO_METRICS)
     generation = GenerationService(session, facts, config.default_max_new_tokens)
-    admin = ClusterAdapterService(handle) if config.adapter_service and config.adapter_root_paths() else None
+    admin = ClusterAdapterService(handle) if config.adapter_service else None   # replicas without roots refuse
     return cluster, model, (generation, admin)
 
 
 def _deploy(config: ServerConfig, temp_dir: str | None):
-    """(handle, whether we deployed it): starts Ray and the application, or finds it running."""
+    """(handle, whether we deployed it): starts Ray and the application, or finds it on --ray-address."""
     from ray import serve
 
     from .replica import deployment
 
     ray_env.start_ray(config.ray_address, config.replicas * config.replica_cpus, temp_dir or "")
-    if config.ray_address:
-        app = serve.status().applications.get(config.serve_app)
-        if app is not None and app.status == "RUNNING":
-            log.info("using the running Serve application %r", config.serve_app)
-            return serve.get_deployment_handle(DEPLOYMENT, config.serve_app), False
-    else:
+    if config.ray_address and _wait_for_running_app(config.serve_app):
+        log.info("using the running Serve application %r", config.serve_app)
+        return serve.get_deployment_handle(DEPLOYMENT, config.serve_app), False
+    if not config.ray_address:
         serve.start(proxy_location="Disabled")
     log.info("starting %d replicas", config.replicas)
     return serve.run(deployment(config), name=config.serve_app, route_prefix=None), True
+
+
+def _wait_for_running_app(name: str, timeout: float = 600.0) -> bool:
+    """True once an application of that name runs; False when there is none. One being deployed (from a
+    Serve config, say) is waited for, never deployed over."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        app = serve.status().applications.get(name)
+        if app is None or app.status in ("NOT_STARTED", "DELETING"):
+            return False
+        if app.status == "RUNNING":
+            return True
+        if app.status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            raise ValueError(f"the Serve application {name!r} is {app.status}: {app.message}")
+        time.sleep(1.0)

@@ -67,6 +67,10 @@ class EngineReplica:
         except LoraplexError as exc:
             yield exc
 
+    async def generate_whole(self, request, timeout: float | None) -> list:
+        """generate's items, all at once (for callers that want only the whole answer)."""
+        return [item async for item in self.generate(request, timeout)]
+
     async def administer(self, operation: str, target: str = "", **args):
         """One AdapterAdmin call, as (replica id, result or error); None when `target` names another replica."""
         if target and target != self.replica_id:

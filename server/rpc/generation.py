@@ -25,7 +25,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request, context):
         text, tokens, last = [], [], None
-        async for out in self._run(request, context):
+        async for out in self._run(request, context, incremental=False):
             text.append(out.text)
             tokens.extend(out.tokens)
             last = out
@@ -36,11 +36,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if out.text or out.tokens or out.finished:
                 yield to_response(out)
 
-    async def _run(self, request, context):
+    async def _run(self, request, context, incremental: bool = True):
         """Yields the request's outputs; aborts the RPC with the mapped status on any error."""
         arrival = Arrival(request.request_id, request.adapter_id, _prompt_of(request))
         outputs = self.session.run(arrival, lambda: to_request(request, self.default_max_new_tokens),
-                                   context.time_remaining)
+                                   context.time_remaining, incremental)
         try:
             async for out in outputs:
                 yield out

@@ -1,0 +1,192 @@
+"""Replicas on Ray Serve against one: `python -m loraplex.bench.cluster_bench`.
+
+The embedded model with 20 rank-8 adapters (all 7 projections). One Poisson trace (fixed seed) whose
+adapters follow Zipf(1.0), sent by an asyncio gRPC client to `loraplex serve --replicas 1` and then to
+`--replicas 2`, one CPU (and one torch thread) per replica, each front in its own process: output
+tokens/s over the makespan, TTFT p50/p99, and the share of requests whose adapter was already resident
+(from the replicas' adapter reads). The front's own added latency: 1-token requests one at a time, a
+cluster front with 1 replica against a single server with 1 thread (same engine settings), p50 and p99 of
+the difference. Writes cluster.json and cluster.png.
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import machine
+from .adapter_files import make_peft_adapters, zipf_choice
+from .front_process import FrontProcess
+from .workload import poisson_stream, summarize
+
+log = logging.getLogger("loraplex.bench.cluster")
+
+
+@dataclass(frozen=True)
+class Trace:
+    requests: int = 160
+    rate: float = 6.0            # requests/s: more than 2 replicas serve, so both runs measure capacity
+    min_out: int = 16
+    max_out: int = 48
+    adapters: int = 20
+    rank: int = 8
+    zipf: float = 1.0
+    latency_probes: int = 40
+    seed: int = 3
+
+
+QUICK = Trace(requests=24, rate=4.0, min_out=4, max_out=8, adapters=4, latency_probes=8)
+
+
+def server_flags(root: pathlib.Path, trace: Trace, replicas: int) -> list[str]:
+    flags = [f"--adapter-roots={root}", f"--adapter-slots={trace.adapters}", "--max-batch-size=16",
+             "--kv-cache-mb=64", "--max-lora-rank=16", "--threads=1"]
+    return flags + ([f"--replicas={replicas}", "--replica-cpus=1"] if replicas else [])
+
+
+async def send_trace(target: str, requests, adapters: list[str]) -> dict:
+    import grpc
+
+    from loraplex.v1 import generation_pb2 as pb
+    from loraplex.v1 import generation_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        origin = time.perf_counter() + 0.5
+
+        async def one(r, adapter):
+            await asyncio.sleep(max(0.0, origin + r.arrival - time.perf_counter()))
+            times = []
+            params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=r.output_len,
+                                                                min_new_tokens=r.output_len))
+            async for res in stub.GenerateStream(pb.GenerateRequest(text=r.prompt, adapter_id=adapter,
+                                                                    params=params), timeout=600):
+                now = time.perf_counter()
+                times.extend([now] * max(res.generated_token_count - len(times), 0))
+            return times
+
+        token_times = await asyncio.gather(*(one(r, a) for r, a in zip(requests, adapters)))
+    return summarize([origin + r.arrival for r in requests], token_times)
+
+
+async def probe_latency(target: str, n: int) -> list[float]:
+    import grpc
+
+    from loraplex.v1 import generation_pb2 as pb
+    from loraplex.v1 import generation_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        req = pb.GenerateRequest(text="Hello", params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1)))
+        for _ in range(3):
+            await stub.Generate(req, timeout=60)
+        took = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await stub.Generate(req, timeout=60)
+            took.append(time.perf_counter() - start)
+        return took
+
+
+def adapter_reads(front: FrontProcess) -> float:
+    return sum(v for labels, v in front.samples("loraplex_adapter_loads_total").items() if ("result", "ok") in labels)
+
+
+def run_cluster(root: pathlib.Path, trace: Trace, replicas: int, requests, adapters) -> dict:
+    front = FrontProcess(*server_flags(root, trace, replicas), timeout=600)
+    try:
+        log.info("%d replica(s) up; sending %d requests", replicas, len(requests))
+        result = asyncio.run(send_trace(front.target, requests, adapters))
+        reads = adapter_reads(front)
+        result["adapter_reads"] = reads
+        result["resident_share"] = 1 - reads / len(requests)
+        if replicas == 1:
+            result["latency_s"] = asyncio.run(probe_latency(front.target, trace.latency_probes))
+        assert front.terminate(120) == 0
+        return result
+    finally:
+        front.kill()
+
+
+def run_single(root: pathlib.Path, trace: Trace) -> list[float]:
+    front = FrontProcess(*server_flags(root, trace, 0), timeout=600)
+    try:
+        return asyncio.run(probe_latency(front.target, trace.latency_probes))
+    finally:
+        front.terminate(60)
+        front.kill()
+
+
+def run(trace: Trace, scratch: pathlib.Path) -> dict:
+    from loraplex.server.model.store import embedded_model_dir
+
+    names = make_peft_adapters(str(embedded_model_dir()), scratch, trace.adapters, trace.rank)
+    requests = poisson_stream(trace.requests, trace.rate, trace.seed, trace.min_out, trace.max_out)
+    adapters = zipf_choice(names, trace.requests, trace.zipf, trace.seed)
+    results = {str(n): run_cluster(scratch, trace, n, requests, adapters) for n in (1, 2)}
+    single = run_single(scratch, trace)
+    front = np.array(results["1"].pop("latency_s"))
+    alone = np.array(single)
+    added = {"p50_ms": 1000 * (np.percentile(front, 50) - np.percentile(alone, 50)),
+             "p99_ms": 1000 * (np.percentile(front, 99) - np.percentile(alone, 99)),
+             "cluster_p50_ms": 1000 * np.percentile(front, 50), "single_p50_ms": 1000 * np.percentile(alone, 50)}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine.describe(), "trace": asdict(trace), "replicas": results,
+            "throughput_ratio": results["2"]["throughput_tok_s"] / results["1"]["throughput_tok_s"],
+            "front_added_latency": {k: round(float(v), 2) for k, v in added.items()}}
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["replicas"]
+    labels = ["1 replica", "2 replicas"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax1.bar(labels, [r[k]["throughput_tok_s"] for k in ("1", "2")], color=["#999", "#4c72b0"])
+    ax1.set(ylabel="output tokens/s", title=f"Throughput ({result['throughput_ratio']:.2f}x)")
+    metrics = ("ttft_p50_s", "ttft_p99_s")
+    for j, key in enumerate(("1", "2")):
+        ax2.bar([i + (j - 0.5) * 0.38 for i in range(len(metrics))], [r[key][m] for m in metrics], 0.38,
+                label=labels[j], color=["#999", "#4c72b0"][j])
+    ax2.set_xticks(range(len(metrics)), ["TTFT p50", "TTFT p99"])
+    ax2.set(ylabel="seconds", title="Time to first token")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{result['trace']['requests']} Poisson requests at {result['trace']['rate']}/s, "
+                 f"Zipf adapters; 1 CPU per replica", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loraplex.bench.cluster_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="24 requests, 4 adapters; to a temp dir")
+    p.add_argument("--out", help="folder for cluster.json/png [docs/benchmarks]")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    trace = QUICK if args.quick else Trace()
+    out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-cluster-quick") if args.quick
+                                    else "docs/benchmarks"))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loraplex-cluster-") as tmp:
+        result = run(trace, pathlib.Path(tmp))
+    (out / "cluster.json").write_text(json.dumps(result, indent=1, default=float))
+    plot(result, out / "cluster.png")
+    print(json.dumps({k: result[k] for k in ("throughput_ratio", "front_added_latency")}, indent=1))
+    for n, r in result["replicas"].items():
+        print(n, {k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
