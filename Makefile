@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m loraplex.bench.merge_bench
 	$(PY) -m loraplex.bench.auto_merge_bench
 	$(PY) -m loraplex.bench.int4_bench
+	$(PY) -m loraplex.bench.cluster_bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

@@ -3,10 +3,11 @@
 The embedded model with 20 rank-8 adapters (all 7 projections). One Poisson trace (fixed seed) whose
 adapters follow Zipf(1.0), sent by an asyncio gRPC client to `loraplex serve --replicas 1` and then to
 `--replicas 2`, one CPU (and one torch thread) per replica, each front in its own process: output
-tokens/s over the makespan, TTFT p50/p99, and the share of requests whose adapter was already resident
-(from the replicas' adapter reads). The front's own added latency: 1-token requests one at a time, a
+tokens/s over the makespan, TTFT p50/p99, the share of requests whose adapter was already resident
+(from the replicas' adapter reads), and the cores each part used (front, replicas, Ray's processes, this
+client). The front's own added latency: 1-token requests one at a time, a
 cluster front with 1 replica against a single server with 1 thread (same engine settings), p50 and p99 of
-the difference. Writes cluster.json and cluster.png.
+the difference, for unary Generate and for GenerateStream's first chunk. Writes cluster.json and cluster.png.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import numpy as np
 from . import machine
 from .adapter_files import make_peft_adapters, zipf_choice
 from .front_process import FrontProcess
+from .process_cpu import CoreShares
 from .workload import poisson_stream, summarize
 
 log = logging.getLogger("loraplex.bench.cluster")
@@ -78,23 +80,38 @@ async def send_trace(target: str, requests, adapters: list[str]) -> dict:
     return summarize([origin + r.arrival for r in requests], token_times)
 
 
-async def probe_latency(target: str, n: int) -> list[float]:
+async def probe_latency(targets: dict[str, str], n: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per 1-token request on each target, one request at a time, the targets taking turns (so
+    drift on a shared machine hits both alike): unary Generate, and GenerateStream to its first chunk."""
     import grpc
 
     from loraplex.v1 import generation_pb2 as pb
     from loraplex.v1 import generation_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
-        req = pb.GenerateRequest(text="Hello", params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1)))
-        for _ in range(3):
-            await stub.Generate(req, timeout=60)
-        took = []
-        for _ in range(n):
-            start = time.perf_counter()
-            await stub.Generate(req, timeout=60)
-            took.append(time.perf_counter() - start)
-        return took
+    req = pb.GenerateRequest(text="Hello", params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1)))
+    channels = {name: grpc.aio.insecure_channel(t) for name, t in targets.items()}
+    stubs = {name: pb_grpc.GenerationServiceStub(c) for name, c in channels.items()}
+
+    async def unary(stub):
+        await stub.Generate(req, timeout=60)
+
+    async def first_chunk(stub):
+        async for _ in stub.GenerateStream(req, timeout=60):
+            return
+
+    took = {name: {"unary": [], "stream": []} for name in targets}
+    try:
+        for call_name, call in (("unary", unary), ("stream", first_chunk)):
+            for i in range(n + 3):
+                for name, stub in stubs.items():
+                    start = time.perf_counter()
+                    await call(stub)
+                    if i >= 3:                         # the first three warm each path up
+                        took[name][call_name].append(time.perf_counter() - start)
+    finally:
+        for c in channels.values():
+            await c.close()
+    return took
 
 
 def adapter_reads(front: FrontProcess) -> float:
@@ -105,25 +122,35 @@ def run_cluster(root: pathlib.Path, trace: Trace, replicas: int, requests, adapt
     front = FrontProcess(*server_flags(root, trace, replicas), timeout=600)
     try:
         log.info("%d replica(s) up; sending %d requests", replicas, len(requests))
+        cores = CoreShares(front.proc.pid).start()
         result = asyncio.run(send_trace(front.target, requests, adapters))
+        result["cores"] = cores.stop()
         reads = adapter_reads(front)
         result["adapter_reads"] = reads
         result["resident_share"] = 1 - reads / len(requests)
-        if replicas == 1:
-            result["latency_s"] = asyncio.run(probe_latency(front.target, trace.latency_probes))
         assert front.terminate(120) == 0
         return result
     finally:
         front.kill()
 
 
-def run_single(root: pathlib.Path, trace: Trace) -> list[float]:
-    front = FrontProcess(*server_flags(root, trace, 0), timeout=600)
+def front_latency(root: pathlib.Path, trace: Trace) -> dict:
+    """A cluster front with 1 replica and a single server with 1 thread, both up at once, probed in turn."""
+    fronts = {"cluster": FrontProcess(*server_flags(root, trace, 1), timeout=600),
+              "single": FrontProcess(*server_flags(root, trace, 0), timeout=600)}
     try:
-        return asyncio.run(probe_latency(front.target, trace.latency_probes))
+        took = asyncio.run(probe_latency({k: f.target for k, f in fronts.items()}, trace.latency_probes))
     finally:
-        front.terminate(60)
-        front.kill()
+        for f in fronts.values():
+            f.terminate(120)
+            f.kill()
+    added = {}
+    for call in ("unary", "stream"):
+        c, a = np.array(took["cluster"][call]), np.array(took["single"][call])
+        added[call] = {"added_p50_ms": 1000 * (np.percentile(c, 50) - np.percentile(a, 50)),
+                       "added_p99_ms": 1000 * (np.percentile(c, 99) - np.percentile(a, 99)),
+                       "cluster_p50_ms": 1000 * np.percentile(c, 50), "single_p50_ms": 1000 * np.percentile(a, 50)}
+    return {c: {k: round(float(v), 2) for k, v in d.items()} for c, d in added.items()}
 
 
 def run(trace: Trace, scratch: pathlib.Path) -> dict:
@@ -133,16 +160,10 @@ def run(trace: Trace, scratch: pathlib.Path) -> dict:
     requests = poisson_stream(trace.requests, trace.rate, trace.seed, trace.min_out, trace.max_out)
     adapters = zipf_choice(names, trace.requests, trace.zipf, trace.seed)
     results = {str(n): run_cluster(scratch, trace, n, requests, adapters) for n in (1, 2)}
-    single = run_single(scratch, trace)
-    front = np.array(results["1"].pop("latency_s"))
-    alone = np.array(single)
-    added = {"p50_ms": 1000 * (np.percentile(front, 50) - np.percentile(alone, 50)),
-             "p99_ms": 1000 * (np.percentile(front, 99) - np.percentile(alone, 99)),
-             "cluster_p50_ms": 1000 * np.percentile(front, 50), "single_p50_ms": 1000 * np.percentile(alone, 50)}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine.describe(), "trace": asdict(trace), "replicas": results,
             "throughput_ratio": results["2"]["throughput_tok_s"] / results["1"]["throughput_tok_s"],
-            "front_added_latency": {k: round(float(v), 2) for k, v in added.items()}}
+            "front_added_latency": front_latency(scratch, trace)}
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
@@ -184,7 +205,7 @@ def main(argv=None) -> int:
     plot(result, out / "cluster.png")
     print(json.dumps({k: result[k] for k in ("throughput_ratio", "front_added_latency")}, indent=1))
     for n, r in result["replicas"].items():
-        print(n, {k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+        print(n, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
     return 0
 
 

@@ -98,7 +98,8 @@ class ServerConfig:
     replicas: int = _opt(0, "0 = the engine runs in this process; N = this server is a front for N engine "
                             "replicas on Ray Serve, routed by adapter (needs loraplex[cluster]; docs/cluster.md)")
     replica_cpus: float = _opt(1.0, "CPUs each replica reserves (and its torch threads, unless --threads)")
-    replica_gpus: float = _opt(0.0, "GPUs each replica reserves (1 with --device cuda)")
+    replica_gpus: float = _opt(0.0, "GPUs each replica reserves; 0 = one on a CUDA device (--device cuda, or "
+                                    "auto with a GPU), else none")
     ray_address: str = _opt("", "Ray cluster to run the replicas on (e.g. auto); empty = start a local one on "
                                 "loopback with replicas x replica-cpus CPUs")
     serve_app: str = _opt("loraplex", "name of the Serve application of the replicas; on --ray-address, one "

@@ -276,7 +276,8 @@ def test_sigterm_drains_like_a_single_server(stubs, front):
 
 def test_a_front_uses_replicas_deployed_from_the_documented_serve_config(tiny_model_dir, adapter_root, tmp_path):
     """An existing Ray cluster (`ray start --head`), the replicas deployed by `serve run` from
-    docs/cluster/serve-config.yaml (its args pointed at the tiny model), and a front that finds them."""
+    docs/cluster/serve-config.yaml (its args pointed at the tiny model), and a front that finds them and
+    leaves them running when it stops."""
     import os
     import tempfile
 
@@ -296,16 +297,16 @@ def test_a_front_uses_replicas_deployed_from_the_documented_serve_config(tiny_mo
     try:
         subprocess.run([bin_dir / "serve", "run", str(tmp_path / "serve.yaml"), "--address", address,
                         "--non-blocking"], env=env, check=True, capture_output=True, timeout=300)
-        for _ in range(2):          # the second front finds the application the first one left running
-            front = FrontProcess(f"--ray-address={address}", "--replicas=1", env=env)
-            try:
-                assert "using the running Serve application 'loraplex'" in "".join(front.lines)
-                with grpc.insecure_channel(front.target) as channel:
-                    gen = pb_grpc.GenerationServiceStub(channel)
-                    assert answer(gen, request("Hello", "s0", new=5))[0] == 5
-                assert front.terminate(60) == 0
-            finally:
-                front.kill()
+        front = FrontProcess(f"--ray-address={address}", "--replicas=1", env=env)
+        try:
+            assert "using the running Serve application 'loraplex'" in "".join(front.lines)
+            with grpc.insecure_channel(front.target) as channel:
+                gen = pb_grpc.GenerationServiceStub(channel)
+                assert answer(gen, request("Hello", "s0", new=5))[0] == 5
+            assert front.terminate(60) == 0
+        finally:
+            front.kill()
+        assert len(replica_pids()) == 1           # the front left the application it found running
     finally:
         subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert wait_for(lambda: not ray_processes_of(), 30), ray_processes_of()

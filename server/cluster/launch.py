@@ -22,7 +22,7 @@ from . import ray_env
 
 log = logging.getLogger(__name__)
 
-HEALTH_POLL_S = 1.0
+HEALTH_POLL_S = 2.0
 DEPLOYMENT = "engine"
 
 

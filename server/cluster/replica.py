@@ -118,8 +118,9 @@ def replica_config(config: ServerConfig) -> ServerConfig:
 def deployment(config: ServerConfig):
     """The bound Serve application of `config.replicas` engine replicas."""
     actor = {"num_cpus": config.replica_cpus}
-    if config.replica_gpus:
-        actor["num_gpus"] = config.replica_gpus
+    gpus = config.replica_gpus or (1 if _wants_cuda(config.device) else 0)
+    if gpus:
+        actor["num_gpus"] = gpus
     return serve.deployment(
         EngineReplica, name="engine", num_replicas=config.replicas, ray_actor_options=actor,
         # a replica runs at most a batch at a time: more would only wait in its engine, and requests that
@@ -127,6 +128,14 @@ def deployment(config: ServerConfig):
         max_ongoing_requests=config.max_batch_size, max_queued_requests=config.max_queue_size * config.replicas,
         health_check_period_s=2, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
     ).bind(replica_config(config))
+
+
+def _wants_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def app_from_args(args: dict):
