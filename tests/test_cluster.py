@@ -9,6 +9,7 @@ read from the front's /metrics (each replica's engine gauges, labelled by replic
 
 import pathlib
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -309,6 +310,7 @@ def test_a_front_uses_replicas_deployed_from_the_documented_serve_config(tiny_mo
         assert len(replica_pids()) == 1           # the front left the application it found running
     finally:
         subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
     assert wait_for(lambda: not ray_processes_of(), 30), ray_processes_of()
 
 

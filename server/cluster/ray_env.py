@@ -9,7 +9,9 @@ with no option to change it: `bind_replicas_to_loopback`, run in every worker, r
 import os
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+           "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+           "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_enable_metrics_collection": "0",
+           "RAY_task_events_report_interval_ms": "0"}
 WORKER_SETUP = "loraplex.server.cluster.ray_env.bind_replicas_to_loopback"
 
 
