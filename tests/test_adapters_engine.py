@@ -106,6 +106,24 @@ def test_bad_adapters_are_refused_and_others_keep_working(server, stub_for, adap
     assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
 
 
+def test_naming_a_replica_on_a_single_server_is_refused_and_changes_nothing(server, stub_for):
+    from loraplex.v1 import adapters_pb2 as apb
+    from loraplex.v1 import adapters_pb2_grpc as apb_grpc
+
+    admin = apb_grpc.AdapterServiceStub(grpc.insecure_channel(server.target))
+    before = server.engine.adapters.catalog()
+    calls = [(admin.LoadAdapter, apb.LoadAdapterRequest(adapter_id="small", replica="r1")),
+             (admin.UnloadAdapter, apb.UnloadAdapterRequest(adapter_id="small", replica="r1")),
+             (admin.MergeAdapter, apb.MergeAdapterRequest(adapter_id="small", replica="r1")),
+             (admin.UnmergeAdapter, apb.UnmergeAdapterRequest(replica="r1"))]
+    for method, req in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            method(req, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "runs no replicas" in info.value.details()
+    assert server.engine.adapters.catalog() == before and server.engine.weights.status() is None
+    assert stub_for(server.target).Generate(request("small"), timeout=60).generated_token_count == NEW
+
+
 def test_concurrent_first_requests_read_the_adapter_once(tiny_model_dir, root, stub_for):
     server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
                           adapter_slots=2)
