@@ -10,22 +10,19 @@ adapters, time to first token; ratios within each round, the median over rounds.
 copy became ready. Writes auto_merge.json and auto_merge.png.
 """
 
-import argparse
 import dataclasses
 import datetime
 import json
 import logging
-import os
 import pathlib
 import random
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
-from . import machine
+from . import machine, one_run
 from .adapter_files import make_peft_adapters
 from .adapters_bench import Settings, _request, engine_running
 from .engine_bench import isolated
@@ -203,21 +200,10 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loraplex.bench.auto_merge_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="6 clients, 8 and 6 s phases, 8 tokens; to a temp dir")
-    p.add_argument("--out", help="folder for auto_merge.json/png [docs/benchmarks]")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    trace = QUICK if args.quick else Trace()
-    out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-auto-merge-quick") if args.quick
-                                    else "docs/benchmarks"))
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="loraplex-auto-merge-") as tmp:
-        result = run(trace, pathlib.Path(tmp), Settings(wait_quiet=False))
-    (out / "auto_merge.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "auto_merge.png")
-    print(json.dumps(result["ratios"], indent=1))
-    return 0
+    return one_run.traced_main(
+        argv, "python -m loraplex.bench.auto_merge_bench", __doc__, "auto_merge", "6 clients, 8 and 6 s phases, 8 tokens",
+        lambda args, scratch: run(QUICK if args.quick else Trace(), scratch, Settings(wait_quiet=False)), plot,
+        lambda result: print(json.dumps(result["ratios"], indent=1)))
 
 
 if __name__ == "__main__":

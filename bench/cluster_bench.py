@@ -10,21 +10,18 @@ cluster front with 1 replica against a single server with 1 thread (same engine 
 the difference, for unary Generate and for GenerateStream's first chunk. Writes cluster.json and cluster.png.
 """
 
-import argparse
 import asyncio
 import datetime
 import json
 import logging
-import os
 import pathlib
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import machine
+from . import machine, one_run
 from .adapter_files import make_peft_adapters, zipf_choice
 from .front_process import FrontProcess
 from .process_cpu import CoreShares
@@ -190,23 +187,15 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loraplex.bench.cluster_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="24 requests, 4 adapters; to a temp dir")
-    p.add_argument("--out", help="folder for cluster.json/png [docs/benchmarks]")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    trace = QUICK if args.quick else Trace()
-    out = pathlib.Path(args.out or (os.path.join(tempfile.gettempdir(), "loraplex-cluster-quick") if args.quick
-                                    else "docs/benchmarks"))
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="loraplex-cluster-") as tmp:
-        result = run(trace, pathlib.Path(tmp))
-    (out / "cluster.json").write_text(json.dumps(result, indent=1, default=float))
-    plot(result, out / "cluster.png")
+    return one_run.traced_main(argv, "python -m loraplex.bench.cluster_bench", __doc__, "cluster",
+                               "24 requests, 4 adapters", lambda args, scratch: run(QUICK if args.quick else Trace(),
+                                                                                    scratch), plot, report)
+
+
+def report(result: dict) -> None:
     print(json.dumps({k: result[k] for k in ("throughput_ratio", "front_added_latency")}, indent=1))
     for n, r in result["replicas"].items():
         print(n, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-_TICK = os.sysconf("SC_CLK_TCK")
+from .machine import _TICK
 
 
 def _snapshot() -> dict[int, tuple[int, str, float]]:

@@ -9,13 +9,17 @@ leaves memory.
 """
 
 import dataclasses
+import logging
 from ray import serve
 
 from ..admin import AdapterAdmin
+from ..build import pick_device
 from ..config import ServerConfig
 from ..errors import FailedPreconditionError, InvalidArgumentError, LoraplexError
 from ..model_facts import EngineFacts
 from ..session import EngineStreams
+
+log = logging.getLogger(__name__)
 
 READERS_TIMEOUT_S = 120.0
 ADMIN_OPERATIONS = ("catalog", "describe", "load", "unload", "merge", "unmerge")
@@ -41,8 +45,9 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.engine, self.model = launch_engine(config)
         warm_up(self.engine)
-        if self.engine.adapters is not None:   # ready when Serve routes to it: no first read waits for them
-            self.engine.adapters.wait_started(READERS_TIMEOUT_S)
+        adapters = self.engine.adapters      # ready when Serve routes to it: no first read waits for them
+        if adapters is not None and not adapters.wait_started(READERS_TIMEOUT_S):
+            log.warning("the adapter reader processes are not up after %.0f s; reads will start them", READERS_TIMEOUT_S)
         self.metrics = Metrics(config.metrics_top_adapters)
         self.metrics.watch(self.engine, self.model)
         self.engine.observe(self.metrics)
@@ -118,7 +123,7 @@ def replica_config(config: ServerConfig) -> ServerConfig:
 def deployment(config: ServerConfig):
     """The bound Serve application of `config.replicas` engine replicas."""
     actor = {"num_cpus": config.replica_cpus}
-    gpus = config.replica_gpus or (1 if _wants_cuda(config.device) else 0)
+    gpus = config.replica_gpus or (1 if pick_device(config.device).type == "cuda" else 0)
     if gpus:
         actor["num_gpus"] = gpus
     return serve.deployment(
@@ -128,14 +133,6 @@ def deployment(config: ServerConfig):
         max_ongoing_requests=config.max_batch_size, max_queued_requests=config.max_queue_size * config.replicas,
         health_check_period_s=2, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
     ).bind(replica_config(config))
-
-
-def _wants_cuda(device: str) -> bool:
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
 
 
 def app_from_args(args: dict):
