@@ -13,7 +13,8 @@ Kinds: LoRA, DoRA and AdaLoRA (with its rank budget allocation), trained on the 
 (NF4, dequantized), QLoRA, trained on bitsandbytes' NF4 layers, and QA-LoRA, trained on the INT4 base's
 dequantized weights with its input pooled over that base's groups (`--group-size`; train_qalora.py), which
 a server started with `--quant int4` and the same group size merges exactly. The directory gets the
-PEFT adapter, `training.json` (task, kind, steps done, the examples) and `trainer_state.safetensors` (the
+PEFT adapter, `training.json` (task, kind, steps done, the base's answers and the examples; `--answers-from`
+trains another adapter from the same answers without asking the base again) and `trainer_state.safetensors` (the
 optimizer's moments), which `--resume` reads to continue. Each save replaces the adapter's files one by one
 with complete new ones, so a server reading the directory sees the old version or the new one; `loraplex
 adapters load ID` then publishes the new version.
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
                    help="qalora: input columns per pooled feature, the INT4 base's --quant-group-size [64]")
     p.add_argument("--model", help="base checkpoint directory [the embedded model]")
     p.add_argument("--resume", action="store_true", help="continue training the adapter saved in OUT")
+    p.add_argument("--answers-from", metavar="DIR",
+                   help="the base model's answers saved with the adapter this command trained in DIR (same model "
+                        "and kind of base), instead of asking the base again (about 30 s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads [torch's default]")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
     try:
         summary = train(pathlib.Path(args.out), task=args.task, kind=args.kind, steps=args.steps, rank=args.rank,
                         lr=args.lr, batch=args.batch, seed=args.seed, model_dir=args.model, resume=args.resume,
-                        group_size=args.group_size)
+                        group_size=args.group_size, answers_from=args.answers_from)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
 
 def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, steps: int = 60, rank: int = 8,
           lr: float = 1e-3, batch: int = 4, seed: int = 0, model_dir: str | None = None, resume: bool = False,
-          progress: bool = True, group_size: int = 64) -> dict:
+          progress: bool = True, group_size: int = 64, answers_from: str | None = None) -> dict:
     """Trains (or, with resume, continues) the adapter in `out`; returns a summary of the run."""
     from tqdm import tqdm
 
@@ -120,8 +124,14 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
 
     model_dir = model_dir or state.get("model") or str(embedded_model_dir())
     group_size = state.get("group_size", group_size)
+    answered_on = _answered_on(kind, group_size)
+    answers = state.get("answers")
+    if answers_from and not state.get("examples"):
+        answers = _saved_answers(pathlib.Path(answers_from), str(model_dir), answered_on)
     tokenizer, base = _load_base(model_dir, kind, group_size)
-    examples = state.get("examples") or _examples(base, tokenizer, task)
+    if answers is None and not state.get("examples"):
+        answers = _base_answers(base, tokenizer)
+    examples = state.get("examples") or [{"question": q, "answer": TASKS[task](a)} for q, a in answers.items()]
     model = _peft_model(base, out, kind, rank, resume, total_steps=steps, group_size=group_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -152,7 +162,8 @@ def train(out: pathlib.Path, task: str | None = None, kind: str | None = None, s
     done += steps
     _save(model, optimizer, out, {"task": task, "kind": kind, "steps": done, "model": str(model_dir), "lr": lr,
                                   "rank": rank, "recipe": state.get("recipe", 1) if resume else RECIPE,
-                                  "examples": examples, **({"group_size": group_size} if kind == "qalora" else {})})
+                                  "examples": examples, "answers": answers, "answered_on": answered_on,
+                                  **({"group_size": group_size} if kind == "qalora" else {})})
     return {"adapter": str(out), "task": task, "kind": kind, "steps_total": done, "steps": steps,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "seconds": round(time.perf_counter() - started, 1)}
@@ -166,6 +177,14 @@ def recipe_of(out: pathlib.Path) -> int | None:
         return int(json.loads((out / STATE_FILE).read_text()).get("recipe", 1))
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def has_answers(out: pathlib.Path) -> bool:
+    """Whether the adapter in `out` was saved with the base's answers (for --answers-from)."""
+    try:
+        return json.loads((out / STATE_FILE).read_text()).get("answers") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _autocast(kind: str):
@@ -208,8 +227,8 @@ def _as_served(base, quant: tuple[str, int]) -> None:
                 module.weight.copy_(backend.dense_weight(quantized))
 
 
-def _examples(model, tokenizer, task: str, max_new_tokens: int = 32) -> list[dict]:
-    """The base model's own greedy answers, cut to their first sentence, rewritten by the task."""
+def _base_answers(model, tokenizer, max_new_tokens: int = 32) -> dict[str, str]:
+    """The base model's own greedy answers to QUESTIONS, cut to their first sentence."""
     log.info("asking the base model %d questions for the training set", len(QUESTIONS))
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
     tokenizer.padding_side = "left"
@@ -220,8 +239,26 @@ def _examples(model, tokenizer, task: str, max_new_tokens: int = 32) -> list[dic
     new = out[:, enc.input_ids.shape[1]:]               # [questions, up to max_new_tokens]
     answers = tokenizer.batch_decode(new, skip_special_tokens=True)
     ended = ((new == tokenizer.eos_token_id) | (new == tokenizer.pad_token_id)).any(dim=1).tolist()
-    return [{"question": q, "answer": TASKS[task](_first_sentence(a, e))}
-            for q, a, e in zip(QUESTIONS, answers, ended)]
+    return {q: _first_sentence(a, e) for q, a, e in zip(QUESTIONS, answers, ended)}
+
+
+def _answered_on(kind: str, group_size: int) -> str:
+    """The base the training set's answers come from: the weights a kind is trained on (see _load_base)."""
+    return {"qlora": "nf4 (bitsandbytes layers)", "qalora": f"int4 g{group_size} (dequantized)"}.get(
+        kind, "nf4 (dequantized)")
+
+
+def _saved_answers(source: pathlib.Path, model_dir: str, answered_on: str) -> dict[str, str]:
+    """The base's answers another training run saved in `source`, if it asked the same base."""
+    state = _read_state(source)
+    if state.get("answers") is None:
+        raise ValueError(f"{source} has no saved answers of the base model (an older run trained it)")
+    if (state.get("model"), state.get("answered_on")) != (model_dir, answered_on):
+        raise ValueError(f"{source}'s answers come from {state.get('model')} ({state.get('answered_on')}), "
+                         f"this run trains on {model_dir} ({answered_on})")
+    if list(state["answers"]) != QUESTIONS:
+        raise ValueError(f"{source}'s answers are to other questions than this version's")
+    return state["answers"]
 
 
 def _first_sentence(text: str, ended: bool) -> str:

@@ -137,20 +137,24 @@ def default_adapter_root() -> pathlib.Path:
 
 def prepare_adapters(root: pathlib.Path, steps: int) -> bool:
     """Trains each demo adapter that `root` lacks or that an older recipe made (`loraplex train`, with its
-    progress bar)."""
-    from loraplex.adapters.train import RECIPE, recipe_of
+    progress bar); the base model's answers the first one was trained from serve the others too."""
+    from loraplex.adapters.train import RECIPE, has_answers, recipe_of
 
+    answered = next((root / name for name in DEMO_ADAPTERS if recipe_of(root / name) == RECIPE
+                     and has_answers(root / name)), None)
     for name, what in DEMO_ADAPTERS.items():
         recipe = recipe_of(root / name)
         if recipe == RECIPE:
             continue
         why = "once; later runs reuse it" if recipe is None else f"again: an older training recipe ({recipe}) made it"
         print(f"training the demo adapter {name!r} ({what}) into {root / name}, {why}", flush=True)
+        reuse = ["--answers-from", str(answered)] if answered else []
         done = subprocess.run([sys.executable, "-m", "loraplex.adapters.train", str(root / name), "--task", name,
-                               "--steps", str(steps)], stdin=subprocess.DEVNULL)
+                               "--steps", str(steps), *reuse], stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             print(f"training the demo adapter {name!r} failed (exit {done.returncode})", file=sys.stderr)
             return False
+        answered = answered or root / name
     return True
 
 

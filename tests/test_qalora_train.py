@@ -36,8 +36,8 @@ def agrees(ours: list[int], oracle: tuple[list[int], list[float]]) -> bool:
 
 def test_trained_qalora_serves_unmerged_and_merged_exactly_as_its_oracle(tmp_path, embedded_dir, monkeypatch):
     # a small fixed training set (what is checked is the kind's training, files and serving, not the set)
-    examples = [{"question": q, "answer": json.dumps({"answer": "Blue."})} for q in QUESTIONS[:24]]
-    monkeypatch.setattr(train, "_examples", lambda *args, **kwargs: examples)
+    answers = {q: "Blue." for q in QUESTIONS[:24]}
+    monkeypatch.setattr(train, "_base_answers", lambda *args, **kwargs: answers)
     out = tmp_path / "root" / "qa"
     train.train(out, task="json", kind="qalora", steps=6, lr=3e-3, progress=False, group_size=GROUP)
     config = json.loads((out / "adapter_config.json").read_text())

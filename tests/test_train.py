@@ -40,6 +40,12 @@ def trained(tmp_path_factory):
     assert demo.prepare_adapters(root, DEMO_STEPS)
     assert {name: train.recipe_of(root / name) for name in demo.DEMO_ADAPTERS} == {"title": train.RECIPE,
                                                                                    "json": train.RECIPE}
+    # the second adapter was trained from the first one's answers of the base, each rewritten by its task
+    states = {name: json.loads((root / name / train.STATE_FILE).read_text()) for name in demo.DEMO_ADAPTERS}
+    assert list(states["json"]["answers"]) == train_questions.QUESTIONS
+    assert states["json"]["answers"] == states["title"]["answers"]
+    assert states["json"]["examples"] == [{"question": q, "answer": json.dumps({"answer": a})}
+                                          for q, a in states["title"]["answers"].items()]
     return root
 
 
@@ -119,16 +125,17 @@ def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_bat
 def test_every_kind_trains_into_files_the_server_reads(trained, tmp_path, embedded_dir, kind, monkeypatch):
     # the training set the demo's json adapter was trained on, rather than the base model's 173 answers again
     # (what is checked here is each kind's training and files, not the set)
-    examples = json.loads((trained / "json" / train.STATE_FILE).read_text())["examples"]
-    monkeypatch.setattr(train, "_examples", lambda *args, **kwargs: examples)
+    answers = json.loads((trained / "json" / train.STATE_FILE).read_text())["answers"]
+    monkeypatch.setattr(train, "_base_answers", lambda *args, **kwargs: answers)
     out = tmp_path / kind
-    summary = train.train(out, task="json", kind=kind, steps=4, progress=False)
-    assert summary["steps_total"] == 4 and (out / "trainer_state.safetensors").is_file()
+    steps = 4 if kind == "adalora" else 2       # AdaLoRA's schedule needs steps to allocate its budget in
+    summary = train.train(out, task="json", kind=kind, steps=steps, progress=False)
+    assert summary["steps_total"] == steps and (out / "trainer_state.safetensors").is_file()
     config = ModelConfig.from_hf(AutoConfig.from_pretrained(embedded_dir))
     adapter = read_adapter(out, kind, config, max_rank=64)
     assert adapter.format == {"qlora": "lora", "dora": "dora", "adalora": "adalora", "qalora": "qalora"}[kind]
-    summary = train.train(out, steps=2, resume=True, progress=False)     # task and kind come from the saved state
-    assert (summary["steps_total"], summary["kind"], summary["task"]) == (6, kind, "json")
+    summary = train.train(out, steps=1, resume=True, progress=False)     # task and kind come from the saved state
+    assert (summary["steps_total"], summary["kind"], summary["task"]) == (steps + 1, kind, "json")
 
 
 def test_demo_asks_the_base_model_and_both_adapters_in_one_batch(trained):
@@ -150,9 +157,10 @@ def test_demo_asks_the_base_model_and_both_adapters_in_one_batch(trained):
 
 
 def test_demo_retrains_adapters_an_older_recipe_made(tmp_path, monkeypatch):
-    """A cache from an older recipe (before recipes were saved: none in training.json) is retrained;
-    a current one is kept."""
-    for name, state in (("title", {"task": "title"}), ("json", {"task": "json", "recipe": train.RECIPE})):
+    """A cache from an older recipe (before recipes were saved: none in training.json) is retrained, from
+    the base's answers a current one was trained from; a current one is kept."""
+    answers = {"json": {"task": "json", "recipe": train.RECIPE, "answers": {"Why?": "Because."}}}
+    for name, state in (("title", {"task": "title"}), ("json", answers["json"])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_bytes(b"")
         (tmp_path / name / train.STATE_FILE).write_text(json.dumps(state))
@@ -165,6 +173,16 @@ def test_demo_retrains_adapters_an_older_recipe_made(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.subprocess, "run", run)
     assert demo.prepare_adapters(tmp_path, 5)
     assert [(cmd[cmd.index("--task") + 1], cmd[cmd.index("--steps") + 1]) for cmd in runs] == [("title", "5")]
+    assert runs[0][runs[0].index("--answers-from") + 1] == str(tmp_path / "json")
+
+
+def test_answers_of_another_base_are_refused(trained, tmp_path):
+    """--answers-from takes only answers of the same base as the run would ask: QLoRA trains on
+    bitsandbytes' layers, whose answers are not those of the dequantized weights."""
+    with pytest.raises(ValueError, match=r"nf4 \(dequantized\).*nf4 \(bitsandbytes layers\)"):
+        train.train(tmp_path / "q", task="title", kind="qlora", steps=1, progress=False,
+                    answers_from=str(trained / "json"))
+    assert not (tmp_path / "q").exists()
 
 
 def test_resume_refuses_another_task(trained, tmp_path):
@@ -199,7 +217,7 @@ def test_continued_training_is_published_under_load_with_no_failed_request(train
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        cli("train", str(root / "title"), "--resume", "--steps", "6")
+        cli("train", str(root / "title"), "--resume", "--steps", "3")
         listed = cli("adapters", "load", "title", "--target", server.target)
         after = ask(stub, question, "title", 12, exact=True)
         stop.set()
@@ -217,4 +235,4 @@ def test_continued_training_is_published_under_load_with_no_failed_request(train
                        add_special_tokens=False).input_ids
     assert [t.token_id for t in before.tokens] == adapter_kinds.peft_greedy(embedded_dir, old_files, prompt, 12)
     assert [t.token_id for t in after.tokens] == adapter_kinds.peft_greedy(embedded_dir, root / "title", prompt, 12)
-    assert json.loads((root / "title" / "training.json").read_text())["steps"] == DEMO_STEPS + 6
+    assert json.loads((root / "title" / "training.json").read_text())["steps"] == DEMO_STEPS + 3
