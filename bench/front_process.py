@@ -15,7 +15,8 @@ class FrontProcess:
     """`python -m loraplex.server.main` with `flags` (on free ports), up once it reports SERVING."""
 
     def __init__(self, *flags: str, timeout: float = 240, env: dict | None = None):
-        args = [sys.executable, "-m", "loraplex.server.main", "--port", "0", "--metrics-port", "0", *flags]
+        args = [sys.executable, "-m", "loraplex.server.main", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                *flags]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env=env)
         self.lines: list[str] = []
@@ -28,6 +29,8 @@ class FrontProcess:
         self.port = int(re.search(r"listening on [\d.]+:(\d+)", text).group(1))
         self.metrics_port = int(re.search(r"metrics on http://[\d.]+:(\d+)/metrics", text).group(1))
         self.target = f"127.0.0.1:{self.port}"
+        http = re.search(r"OpenAI-compatible API on https?://[\d.]+:(\d+)/v1", text)
+        self.http_port = int(http.group(1)) if http else None      # None: started with --no-http
 
     def _read(self):
         for line in self.proc.stdout:

@@ -1,6 +1,6 @@
-"""`loraplex demo`: start `loraplex serve` on a free port, stream two answers from it, ask one question of
-the base model and two demo adapters in one batch, show a few of its metrics, and stop it (SIGTERM, as a
-supervisor would).
+"""`loraplex demo`: start `loraplex serve` on a free port, stream two answers from it, ask it once more through
+its OpenAI-compatible HTTP API, ask one question of the base model and two demo adapters in one batch, show
+a few of its metrics, and stop it (SIGTERM, as a supervisor would).
 
 The demo adapters (`title`: answers in Title Case; `json`: answers as a JSON object) are trained once with
 `loraplex train` into the cache directory, about two minutes each on a CPU; later runs reuse them, and
@@ -29,6 +29,7 @@ DEMO_MAX_NEW_TOKENS = 48
 # No `caps`: in capitals this base model's facts do not survive training (see adapters/train.py).
 DEMO_ADAPTERS = {"title": "answers in Title Case", "json": "answers as a JSON object"}
 DEMO_ADAPTER_QUESTION = "What is the capital of Spain?"
+DEMO_OPENAI_QUESTION = "What is the capital of Italy?"
 STOP_WAIT_SECONDS = 30.0
 
 
@@ -39,16 +40,17 @@ def run_demo(args, server_flags: list[str]) -> int:
         if not prepare_adapters(root, args.train_steps):
             return 1
         server_flags = ["--adapter-roots", str(root), *server_flags]
-    port, metrics_port = args.port or free_port(), free_port()
+    port, metrics_port, http_port = args.port or free_port(), free_port(), free_port()
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="loraplex-demo-") as tmp:
         log_path = pathlib.Path(tmp) / "server.log"
-        server = _start_server(port, metrics_port, server_flags, log_path)
+        server = _start_server(port, metrics_port, ["--http-port", str(http_port), *server_flags], log_path)
         previous = _interrupt_on_sigterm()   # the server has its own session: a killed demo must stop it
         try:
             if not _wait_for_server(server, target, log_path, args.startup_timeout):
                 return 1
             _ask(target)
+            _ask_openai(f"http://127.0.0.1:{http_port}")
             if root is not None:
                 _ask_adapters(target)
             _show_metrics(f"http://127.0.0.1:{metrics_port}/metrics")
@@ -128,6 +130,29 @@ def _ask(target: str) -> None:
         print(f"\ncompletion> {DEMO_PROMPT}")
         result, _ = print_stream(client.generate_stream(DEMO_PROMPT, max_new_tokens=DEMO_MAX_NEW_TOKENS))
         print(summary(result) + "\n")
+
+
+def _ask_openai(url: str) -> None:
+    """The same server through its OpenAI-compatible API (any OpenAI client can use it): what /v1/models
+    lists, and one chat completion, from the title adapter when there is one."""
+    models = [m["id"] for m in _http_json(url + "/v1/models")["data"]]
+    model = "title" if "title" in models else models[0]
+    print(f"OpenAI-compatible API at {url}/v1 (models: {', '.join(models)})")
+    print(f"POST /v1/chat/completions, model {model}> {DEMO_OPENAI_QUESTION}")
+    answer = _http_json(url + "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": DEMO_OPENAI_QUESTION}],
+        "max_tokens": DEMO_MAX_NEW_TOKENS, "temperature": 0})
+    print(f"  {answer['choices'][0]['message']['content'].strip()}\n")
+
+
+def _http_json(url: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
 
 
 def default_adapter_root() -> pathlib.Path:

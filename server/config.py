@@ -90,6 +90,10 @@ class ServerConfig:
     metrics_top_adapters: int = _opt(20, "adapters with their own series in loraplex_adapter_requests_total; "
                                          "the rest count as adapter=\"other\"")
     port: int = _opt(50051, "gRPC port (0 = pick a free one)")
+    http: bool = _opt(True, "serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                            "/v1/models; docs/openai.md) with the same tokens and TLS as gRPC")
+    http_host: str = _opt("", "address of the HTTP API; empty = the same as --host")
+    http_port: int = _opt(8000, "port of the HTTP API (0 = pick a free one)")
     grpc_workers: int = _opt(16, "threads running the RPCs' blocking work (tokenizing, request intake, adapter "
                                  "administration) off the event loop")
     threads: int = _opt(0, "torch CPU threads; 0 = torch's default")
@@ -115,7 +119,7 @@ class ServerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens",
-                     "metrics_port", "metrics_top_adapters", "replicas", "replica_gpus"):
+                     "metrics_port", "http_port", "metrics_top_adapters", "replicas", "replica_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:

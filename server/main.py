@@ -1,6 +1,7 @@
 """`loraplex serve`: load the model, listen, warm up, report SERVING, run until SIGTERM/SIGINT.
 
-Stopping drains: health goes NOT_SERVING at once, new requests get UNAVAILABLE, running ones may finish
+Both transports (gRPC and the OpenAI-compatible HTTP API) serve the same engine. Stopping drains: health goes
+NOT_SERVING at once, new requests get UNAVAILABLE (HTTP 503), running ones may finish
 within --shutdown-grace-seconds, then the process exits 0. If the engine loop itself fails, health goes
 NOT_SERVING, requests get the error, and the process exits 1 at once. A server that cannot start (a port
 already taken, an unreadable certificate) exits 2 with the reason.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from .config import ServerConfig, add_config_flags, config_from_args
 from .engine.engine import Engine
 from .engine.request import GenerationRequest, StoppingParams
-from .metrics import Metrics
+from .metrics import NO_METRICS, Metrics
 
 log = logging.getLogger("loraplex.server")
 
@@ -64,6 +65,7 @@ class Running:
     metrics_server: object = None       # the HTTP server of /metrics
     metrics_port: int = 0
     health_watch: object = None         # on a cluster: the task keeping health in step with the replicas
+    http: object = None                 # the OpenAI-compatible HTTP API (http/serve.py)
 
 
 async def start(config: ServerConfig) -> Running:
@@ -91,12 +93,13 @@ async def start(config: ServerConfig) -> Running:
             engine, model = await asyncio.get_running_loop().run_in_executor(None, launch_engine, config)
             services = local_services(config, engine, model, metrics)
         server, health, port = build_server(config, *services, metrics)
+        http = await start_http(config, services, health, metrics) if config.http else None
     except BaseException:
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
         raise
-    running = Running(server, health, engine, port, model, metrics, metrics_server)
+    running = Running(server, health, engine, port, model, metrics, metrics_server, http=http)
     if metrics is not None:
         if not config.replicas:
             metrics.watch(engine, model)
@@ -117,6 +120,26 @@ async def start(config: ServerConfig) -> Running:
     return running
 
 
+async def start_http(config: ServerConfig, services, health, metrics):
+    """The OpenAI-compatible HTTP API over the same session and facts as gRPC, listening."""
+    from .http.app import OpenAIEndpoint
+    from .http.serve import HttpServer
+
+    session, facts, _ = services
+    endpoint = OpenAIEndpoint(session, facts, lambda: health.serving, config.auth_token,
+                              config.default_max_new_tokens, config.max_message_bytes, metrics or NO_METRICS)
+    http = HttpServer(config, endpoint.app())
+    port = await http.start()
+    print(f"loraplex OpenAI-compatible API on {http.scheme}://{http.host}:{port}/v1", flush=True)
+    return http
+
+
+async def stop_transports(running: Running, grace: float) -> None:
+    await running.server.stop(grace)
+    if running.http is not None:
+        await running.http.stop()
+
+
 async def shutdown(running: Running, grace: float) -> None:
     """Drains: NOT_SERVING, then new requests are refused while running ones get up to `grace` seconds."""
     log.info("stopping: NOT_SERVING, finishing running requests (grace %.0fs)", grace)
@@ -128,7 +151,7 @@ async def shutdown(running: Running, grace: float) -> None:
         await asyncio.sleep(0.05)
     if not running.engine.idle():
         log.warning("grace period over: cancelling the requests still running")
-    await running.server.stop(1.0)       # a second to hand over the last responses; the rest is cancelled
+    await stop_transports(running, 1.0)   # a second to hand over the last responses; the rest is cancelled
     running.engine.stop()
     stop_metrics(running)
 
@@ -161,7 +184,7 @@ async def serve(config: ServerConfig, on_start=None) -> int:
     if running.engine.failed.is_set():
         log.critical("the engine failed: NOT_SERVING, exiting with status %d", EXIT_ENGINE_FAILED)
         await running.health.set(False)
-        await running.server.stop(0.5)
+        await stop_transports(running, 0.5)
         stop_metrics(running)
         return EXIT_ENGINE_FAILED
     await shutdown(running, config.shutdown_grace_seconds)

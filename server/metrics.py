@@ -5,8 +5,9 @@ Who reports what:
   and requests per adapter (`step`, `token`, `adapter_requested`);
 - the adapter registry: reads (result, duration), slot copies, evictions (`adapter_read`, `adapter_copied`,
   `adapter_evicted`);
-- the gRPC service: how each request ended, success by stop reason or failure by reason, and end-to-end
-  latency (`succeeded`, `failed`);
+- the request session (gRPC and HTTP alike): how each request ended, success by stop reason or failure by
+  reason, and end-to-end latency (`succeeded`, `failed`); the HTTP API also counts its responses by route
+  and status (`http_response`);
 - gauges (requests running and waiting, KV cache usage, adapters per tier, slots) are read from the engine
   when Prometheus scrapes, so they are never stale.
 
@@ -53,6 +54,7 @@ class NullMetrics:
     def succeeded(self, stop_reason: str, seconds: float) -> None: ...
     def failed(self, reason: str) -> None: ...
     def unauthenticated(self, service: str) -> None: ...
+    def http_response(self, route: str, status: int) -> None: ...
     def merge_event(self, operation: str, method: str, result: str, merged=None) -> None: ...
     def merged_step(self, merged: bool) -> None: ...
 
@@ -101,6 +103,9 @@ class Metrics(NullMetrics):
             self.evictions.labels(tier)
         self.refused = Counter(p + "unauthenticated_calls", "Calls refused for a missing or wrong bearer token, by "
                                "service (these never reach the request counters)", ["service"], registry=r)
+        self.http = Counter(p + "http_responses", "Responses of the OpenAI-compatible HTTP API, by route and HTTP "
+                            "status (its generations are also in the request counters, as gRPC's are)",
+                            ["route", "code"], registry=r)
         self.merges = Counter(p + "adapter_merges", "Merges of an adapter into a copy of the weights and "
                               "unmerges, by operation, method and result (ok, error)",
                               ["operation", "method", "result"], registry=r)
@@ -159,6 +164,9 @@ class Metrics(NullMetrics):
 
     def unauthenticated(self, service: str) -> None:
         self.refused.labels(service).inc()
+
+    def http_response(self, route: str, status: int) -> None:
+        self.http.labels(route, str(status)).inc()
 
     # ---- reported by the weight sets -------------------------------------------------------------
     def merge_event(self, operation: str, method: str, result: str, merged=None) -> None:

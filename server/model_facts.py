@@ -1,5 +1,5 @@
-"""What a server says of its model (ModelInfo) and how it tokenizes (Tokenize), for an engine in this
-process; a cluster front asks a replica for the same (cluster/front.py)."""
+"""What a server says of its model (ModelInfo), the adapters it serves, and how it tokenizes (Tokenize), for
+an engine in this process; a cluster front asks a replica for the same (cluster/front.py)."""
 
 import asyncio
 from dataclasses import dataclass
@@ -23,6 +23,13 @@ class EngineFacts:
 
     async def describe(self) -> dict:
         return self.facts()
+
+    async def adapter_ids(self) -> list[str]:
+        """Every adapter a request may name: those in memory and those on disk."""
+        if self.engine.adapters is None:
+            return []
+        statuses = await asyncio.get_running_loop().run_in_executor(None, self.engine.adapters.catalog)
+        return [s.adapter_id for s in statuses]
 
     async def tokenize(self, text: str, return_tokens: bool) -> tuple[list[int], list[str]]:
         # ~1.5 s per MB of text: on an executor thread, so the event loop keeps streaming meanwhile

@@ -48,6 +48,7 @@ class ServerThread:
     def __init__(self, **config):
         config.setdefault("port", 0)
         config.setdefault("metrics_port", 0)
+        config.setdefault("http_port", 0)
         self.config = ServerConfig(**config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -280,7 +280,8 @@ def test_demo_runs_a_server_and_stops_it(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert demo.DEMO_QUESTION in out and "server stopped." in out
-    assert "requests finished 2, failed 0;" in out     # read from the server's /metrics after both answers
+    assert f"models: {tiny_model_dir.name})" in out and demo.DEMO_OPENAI_QUESTION in out
+    assert "requests finished 3, failed 0;" in out     # read from the server's /metrics after the 3 answers
 
 
 def test_demo_reports_a_dead_server(tmp_path, capsys):

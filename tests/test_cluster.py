@@ -114,6 +114,28 @@ def test_bad_requests_get_a_single_servers_status_and_message(stubs, single):
             assert on_cluster.value.details() == on_single.value.details()
 
 
+def test_the_front_serves_the_openai_api_as_a_single_server_does(front, single):
+    """The official openai client against the front's HTTP API and a single server's: equal answers
+    (whole and streamed), the same models, the same typed error."""
+    import openai
+
+    on_cluster, alone = (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                                       timeout=120) for port in (front.http_port, single.running.http.port))
+    assert {m.id for m in on_cluster.models.list()} == {m.id for m in alone.models.list()}
+    base = single.running.model.name
+    for model in (base, SAME[0]):
+        asked = dict(model=model, prompt="Hello there", max_tokens=12, temperature=0)
+        want, got = alone.completions.create(**asked), on_cluster.completions.create(**asked)
+        assert (got.choices[0].text, got.usage) == (want.choices[0].text, want.usage)
+        chat = dict(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in on_cluster.chat.completions.create(
+            stream=True, **chat) if c.choices)
+        assert streamed == alone.chat.completions.create(**chat).choices[0].message.content
+    for client in (on_cluster, alone):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="missing-adapter", prompt="Hello", max_tokens=2)
+
+
 def test_the_cluster_listens_on_loopback_only(front):
     sockets = listening_sockets([front.proc.pid, *ray_processes_of()])
     assert len(sockets) > 5                       # the front, gcs, raylet, agents and workers

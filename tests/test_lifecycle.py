@@ -25,7 +25,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def spawn(model_dir, grace: int, *flags: str) -> tuple[subprocess.Popen, str, int]:
     """The process, its gRPC target and its metrics port."""
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.main", "--model", str(model_dir), "--port", "0",
-                             "--metrics-port", "0", "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace),
+                             "--metrics-port", "0", "--http-port", "0", "--kv-cache-mb", "16", "--shutdown-grace-seconds", str(grace),
                              *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target, metrics_port, deadline = None, 0, time.monotonic() + 120
     for line in proc.stdout:           # "metrics on http://HOST:PORT/metrics", "listening on HOST:PORT", "SERVING"
@@ -98,7 +98,7 @@ def test_grace_period_bounds_the_drain(tiny_model_dir):
 
 
 def test_engine_failure_turns_not_serving_and_exits_one(tiny_model_dir, stub_for):
-    config = ServerConfig(model=str(tiny_model_dir), port=0, metrics_port=0, kv_cache_mb=16)
+    config = ServerConfig(model=str(tiny_model_dir), port=0, metrics_port=0, http_port=0, kv_cache_mb=16)
     box: dict = {}
 
     def broken_schedule():
@@ -122,7 +122,7 @@ def test_engine_failure_turns_not_serving_and_exits_one(tiny_model_dir, stub_for
     assert not box["running"].health.serving
 
 
-@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
 def test_a_port_already_taken_stops_the_start_with_its_name(tiny_model_dir, flag):
     import socket
 
@@ -130,7 +130,7 @@ def test_a_port_already_taken_stops_the_start_with_its_name(tiny_model_dir, flag
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        ports = {"--port": "0", "--metrics-port": "0", flag: port}
+        ports = {"--port": "0", "--metrics-port": "0", "--http-port": "0", flag: port}
         proc = subprocess.run([sys.executable, "-m", "loraplex.server.main", "--model", str(tiny_model_dir),
                                "--kv-cache-mb", "16", *(x for kv in ports.items() for x in kv)],
                               capture_output=True, text=True, timeout=120)
@@ -141,7 +141,7 @@ def test_a_port_already_taken_stops_the_start_with_its_name(tiny_model_dir, flag
 def test_an_unreadable_certificate_stops_the_start_with_its_name(tiny_model_dir, tmp_path):
     missing = tmp_path / "missing.pem"
     proc = subprocess.run([sys.executable, "-m", "loraplex.server.main", "--model", str(tiny_model_dir),
-                           "--port", "0", "--metrics-port", "0", "--kv-cache-mb", "16",
+                           "--port", "0", "--metrics-port", "0", "--http-port", "0", "--kv-cache-mb", "16",
                            "--tls-cert", str(missing), "--tls-key", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -63,6 +63,14 @@ def test_tls_and_mtls(tiny_model_dir, pki):
         with grpc.insecure_channel(server.target) as channel:                                # plaintext
             assert code_of(lambda: pb_grpc.GenerationServiceStub(channel).Generate(request(), timeout=10)) == \
                 grpc.StatusCode.UNAVAILABLE
+        # the HTTP API on the same certificates, through curl: HTTPS with a client certificate only
+        url = f"https://127.0.0.1:{server.running.http.port}/v1/models"
+        listed = subprocess.run(["curl", "-sf", "--cacert", pki / "ca.pem", "--cert", pki / "client.pem",
+                                 "--key", pki / "client.key", url], capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0 and '"object":"list"' in listed.stdout, listed
+        no_cert = subprocess.run(["curl", "-sf", "--cacert", pki / "ca.pem", url], capture_output=True, timeout=30)
+        plain = subprocess.run(["curl", "-sf", url.replace("https", "http")], capture_output=True, timeout=30)
+        assert no_cert.returncode != 0 and plain.returncode != 0
     finally:
         server.close()
 
@@ -88,7 +96,9 @@ def test_tokens(tiny_model_dir, tmp_path):
             assert admin.ListAdapters(listing, metadata=bearer("admin-secret"), timeout=10).adapters == []
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING   # probes need no secret
+        http_api(server)
         refused = server.running.metrics.registry.get_sample_value
+        assert refused("loraplex_unauthenticated_calls_total", {"service": "http"}) == 3
         assert refused("loraplex_unauthenticated_calls_total", {"service": "loraplex.v1.GenerationService"}) == 3
         assert refused("loraplex_unauthenticated_calls_total", {"service": "loraplex.v1.AdapterService"}) == 1
         from loraplex.clients.cli import main
@@ -97,3 +107,23 @@ def test_tokens(tiny_model_dir, tmp_path):
         assert main(["generate", "Hi", "--max-new-tokens", "2", "--target", server.target, "--token", "nope"]) != 0
     finally:
         server.close()
+
+
+def http_api(server):
+    """The HTTP API takes the generation token, through the official openai client; /health needs none."""
+    import urllib.request
+
+    import openai
+
+    url = f"http://127.0.0.1:{server.running.http.port}"
+    for key in ("nope", ""):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key or "unset", max_retries=0,
+                               default_headers={} if key else {"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.completions.create(model=server.running.model.name, prompt="Hi", max_tokens=2)
+        assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="admin-secret", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=url + "/v1", api_key="gen-secret", max_retries=0)
+    assert client.completions.create(model=server.running.model.name, prompt="Hi", max_tokens=2).usage.completion_tokens
+    assert urllib.request.urlopen(url + "/health", timeout=10).status == 200

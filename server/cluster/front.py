@@ -85,7 +85,8 @@ async def _items(outputs: list):
 
 
 class ClusterFacts:
-    """ModelInfo and Tokenize, answered by a replica (every replica serves the same model)."""
+    """ModelInfo, the adapters and Tokenize, answered by a replica (every replica serves the same model and
+    reads the same adapter directories)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -97,6 +98,9 @@ class ClusterFacts:
             facts.pop("replica_id", None)
             self.cached = facts
         return self.cached
+
+    async def adapter_ids(self) -> list[str]:
+        return await self._call(self.handle.adapter_ids.remote())
 
     async def tokenize(self, text: str, return_tokens: bool):
         result = await self._call(self.handle.tokenize.remote(text, return_tokens))

@@ -79,9 +79,8 @@ class Cluster:
 
 
 async def start_replicas(config: ServerConfig, metrics: Metrics | None):
-    """(cluster, model description, (generation servicer, adapter servicer)) once the replicas run."""
+    """(cluster, model description, (request session, facts, adapter servicer)) once the replicas run."""
     ray_env.import_ray()
-    from ..rpc.generation import GenerationService
     from .admin import ClusterAdapterService
     from .front import ClusterFacts, ClusterStreams
     from .replica_metrics import FrontAndReplicas
@@ -98,9 +97,8 @@ async def start_replicas(config: ServerConfig, metrics: Metrics | None):
     if metrics is not None:
         metrics.exposed = FrontAndReplicas(metrics.registry, handle, loop).collect
     session = RequestSession(streams, config.log_prompts, metrics or NO_METRICS)
-    generation = GenerationService(session, facts, config.default_max_new_tokens)
     admin = ClusterAdapterService(handle) if config.adapter_service else None   # replicas without roots refuse
-    return cluster, model, (generation, admin)
+    return cluster, model, (session, facts, admin)
 
 
 def _deploy(config: ServerConfig, temp_dir: str | None):

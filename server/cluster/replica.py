@@ -92,6 +92,9 @@ class EngineReplica:
     async def describe(self) -> dict:
         return {**self.facts.facts(), "replica_id": self.replica_id}
 
+    async def adapter_ids(self) -> list[str]:
+        return await self.facts.adapter_ids()
+
     async def tokenize(self, text: str, return_tokens: bool):
         try:
             return await self.facts.tokenize(text, return_tokens)

@@ -83,6 +83,10 @@ class ResponseOptions:
             raise InvalidArgumentError("top_n_tokens", f"must be in [0, 20], got {self.top_n_tokens}")
 
 
+# A request id is echoed in every streamed chunk and every log line: bounded, and printable in both.
+MAX_REQUEST_ID_CHARS = 256
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """prompt is text, or chat messages as [{"role": ..., "content": ...}]."""
@@ -102,3 +106,6 @@ class GenerationRequest:
             raise InvalidArgumentError("prompt", "no messages given")
         if self.truncate_input_tokens < 0:
             raise InvalidArgumentError("truncate_input_tokens", "must be >= 0")
+        if len(self.request_id) > MAX_REQUEST_ID_CHARS or not self.request_id.isprintable():
+            raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters "
+                                                     f"(no control characters), got {self.request_id[:40]!r}")

@@ -14,9 +14,6 @@ FIELD_PATHS = {
     **{f: f"params.response.{f}" for f in ("token_logprobs", "top_n_tokens")},
 }
 
-# A request id is echoed in every streamed chunk and every log line: bounded, and printable in both.
-MAX_REQUEST_ID_CHARS = 256
-
 
 def to_request(msg: pb.GenerateRequest, default_max_new_tokens: int) -> GenerationRequest:
     """Raises InvalidArgumentError naming the field at fault."""
@@ -41,16 +38,9 @@ def to_request(msg: pb.GenerateRequest, default_max_new_tokens: int) -> Generati
         prompt = tuple({"role": m.role, "content": m.content} for m in msg.messages.messages)
     else:
         prompt = msg.text
-    extra = {"request_id": _request_id(msg.request_id)} if msg.request_id else {}
+    extra = {"request_id": msg.request_id} if msg.request_id else {}
     return GenerationRequest(prompt=prompt, adapter_id=msg.adapter_id, sampling=sampling, stopping=stopping,
                              response=response, truncate_input_tokens=msg.truncate_input_tokens, **extra)
-
-
-def _request_id(value: str) -> str:
-    if len(value) > MAX_REQUEST_ID_CHARS or not value.isprintable():
-        raise InvalidArgumentError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters "
-                                                 f"(no control characters), got {value[:40]!r}")
-    return value
 
 
 def on_the_wire(exc: Exception, msg: pb.GenerateRequest) -> Exception:

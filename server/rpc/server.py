@@ -61,23 +61,25 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def local_services(config: ServerConfig, engine: Engine, model: ModelDescription, metrics: Metrics | None = None):
-    """The servicers of a server that runs its engine in this process."""
+    """(request session, model facts, adapter servicer or None) of a server whose engine runs in this process:
+    what every transport serves from."""
     session = RequestSession(EngineStreams(engine), config.log_prompts, metrics or NO_METRICS)
-    generation = GenerationService(session, EngineFacts(engine, model, config.max_batch_size),
-                                   config.default_max_new_tokens)
+    facts = EngineFacts(engine, model, config.max_batch_size)
     adapters = None
     if engine.adapters is not None and config.adapter_service:
         from ..admin import AdapterAdmin
         from .adapters import AdapterService
 
         adapters = AdapterService(AdapterAdmin(engine.adapters, engine.weights, config.merge_method))
-    return generation, adapters
+    return session, facts, adapters
 
 
-def build_server(config: ServerConfig, generation, adapters=None,
+def build_server(config: ServerConfig, session: RequestSession, facts, adapters=None,
                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, Health, int]:
-    """A server of the generation servicer and, if given, the adapter servicer (this process's, or a cluster
-    front's), with health, reflection, authentication and the transport limits."""
+    """A server of the generation service over the session and facts (this process's engine, or a cluster
+    front's) and, if given, the adapter servicer, with health, reflection, authentication and the transport
+    limits."""
+    generation = GenerationService(session, facts, config.default_max_new_tokens)
     credentials = server_credentials(config)
     auth = TokenAuth({GENERATION: config.auth_token, ADAPTERS: config.admin_token},
                      (metrics or NO_METRICS).unauthenticated)
