@@ -20,7 +20,11 @@ MODELS = ["", *ADAPTERS]       # "" = the base model
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    server = http_server(tiny_model_dir, make_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters")))
+    root = make_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    server = http_server(tiny_model_dir, root)
     yield server
     server.close()
 
@@ -118,7 +122,7 @@ def test_seeded_sampling_repeats_and_stop_sequences_end_with_stop(client, base_n
 
 def test_models_list_names_the_base_and_every_adapter(client, base_name):
     listed = {m.id: m for m in client.models.list()}
-    assert set(listed) == {base_name, *ADAPTERS}
+    assert set(listed) == {base_name, *ADAPTERS, "broken"}
     assert all(listed[a].parent == base_name for a in ADAPTERS) and listed[base_name].owned_by == "loraplex"
     assert client.models.retrieve("team/all").id == "team/all"
     with pytest.raises(openai.NotFoundError):
@@ -183,3 +187,18 @@ def test_an_unknown_model_is_not_found_and_the_server_keeps_serving(client, base
     with pytest.raises(openai.NotFoundError):
         list(client.chat.completions.create(model="no-such-adapter", messages=MESSAGES, stream=True))
     assert client.completions.create(model="small", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("model", ["../small", "/etc/passwd", "%2e%2e/small", "a\x00b", "small/../../x"])
+def test_a_model_that_is_a_path_is_refused_without_reading_it(client, model):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    assert caught.value.body["param"] == "model", caught.value.body
+
+
+def test_an_adapter_whose_files_cannot_be_served_is_a_bad_request_and_others_keep_working(client, grpc_stub):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="broken", messages=MESSAGES, max_tokens=2)
+    assert caught.value.body["code"] == "failed_precondition" and "broken" in caught.value.body["message"]
+    got = client.completions.create(model="small", prompt=PROMPT, max_tokens=NEW, temperature=0)
+    assert got.choices[0].text == grpc_answer(grpc_stub, "small", chat=False).text
