@@ -42,6 +42,7 @@ class Settings:
     hf_batch: int = 16
     max_batch_size: int = 32
     kv_cache_mb: int = 512
+    prefill_chunk_tokens: int = 32   # the chunked-prefill round (--prefill-chunk-tokens)
     wait_quiet: bool = True
     max_foreign: float = 0.10
     retries: int = 2
@@ -163,10 +164,11 @@ def decode_row(b: int, runs: dict[str, list]) -> dict:
 def run_online(hf_model, tokenizer, s: Settings, model: str) -> dict:
     stream = poisson_stream(s.requests, s.rate, s.seed, s.min_out, s.max_out)
     log.info("online: %d requests at %.2f/s, last arrival %.1f s", len(stream), s.rate, stream[-1].arrival)
-    rounds = {"ours": [], "hf": []}
+    rounds = {"ours": [], "chunked": [], "hf": []}
     for i in range(s.online_rounds):            # alternating; the round with the best throughput is kept
-        with ours.running(model, s.max_batch_size, s.kv_cache_mb) as (engine, _):
-            rounds["ours"].append(measure(lambda: ours.online(engine, stream), s))
+        for peer, config in (("ours", {}), ("chunked", {"prefill_chunk_tokens": s.prefill_chunk_tokens})):
+            with ours.running(model, s.max_batch_size, s.kv_cache_mb, **config) as (engine, _):
+                rounds[peer].append(measure(lambda: ours.online(engine, stream), s))
         rounds["hf"].append(measure(lambda: hf.online(hf_model, tokenizer, stream, s.hf_batch), s))
         for peer in rounds:
             result, foreign = rounds[peer][-1]
@@ -179,8 +181,10 @@ def run_online(hf_model, tokenizer, s: Settings, model: str) -> dict:
     mine, theirs = best["ours"], best["hf"]
     lengths = [len(tokenizer.encode(r.prompt)) for r in stream]
     keys = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s")
-    return {"ours": mine, "hf": theirs,
+    chunked = best["chunked"]
+    return {"ours": mine, "hf": theirs, "chunked": chunked,
             "ratios": {k.removesuffix("_s").removesuffix("_tok"): mine[k] / theirs[k] for k in keys},
+            "chunked_vs_whole": {k.removesuffix("_s").removesuffix("_tok"): chunked[k] / mine[k] for k in keys},
             "arrivals_s": [r.arrival for r in stream], "output_lens": [r.output_len for r in stream],
             "prompt_tokens": lengths, "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
             "last_arrival_s": stream[-1].arrival}

@@ -45,13 +45,15 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def running(model: str, max_batch_size: int, kv_cache_mb: int):
+def running(model: str, max_batch_size: int, kv_cache_mb: int, **config):
     """A fresh engine, loaded and run on its own thread (as the server does), started, warmed up with one short
-    request; stopped on exit, so its thread and that thread's OpenMP worker pool are gone afterwards."""
+    request; stopped on exit, so its thread and that thread's OpenMP worker pool are gone afterwards.
+    config: further ServerConfig fields (their defaults otherwise)."""
     from loraplex.server.build import launch_engine
     from loraplex.server.config import ServerConfig
 
-    engine, desc = launch_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb))
+    engine, desc = launch_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,
+                                              **config))
     try:
         decode_tokens_per_s(engine, ["Hello there, how are you today?"], 0, 4)
         yield engine, desc

@@ -29,7 +29,12 @@ class ServerConfig:
     kv_cache_mb: int = _opt(256, "memory for the KV cache, in MiB")
     kv_block_size: int = _opt(16, "tokens per KV cache block")
     max_batch_size: int = _opt(32, "most sequences decoded together in one step")
-    max_prefill_tokens: int = _opt(2048, "most prompt tokens prefilled in one step")
+    max_prefill_tokens: int = _opt(2048, "most prompt tokens prefilled in one step (without --prefill-chunk-tokens)")
+    prefill_chunk_tokens: int = _opt(0, "chunked prefill: prompts are cut into pieces of this many tokens, fed beside "
+                                        "the running decodes, so no stream waits for a whole prefill; 0 = whole "
+                                        "prompts in steps of their own (docs/operations.md: the trade-off)")
+    prefill_step_tokens: int = _opt(0, "with --prefill-chunk-tokens, the most prompt tokens a step feeds beside its "
+                                       "decodes; 0 = one chunk")
     max_queue_size: int = _opt(256, "most requests waiting; more get RESOURCE_EXHAUSTED")
     max_sequence_length: int = _opt(0, "prompt + generated tokens per request; 0 = the model's context window")
     max_new_tokens: int = _opt(1024, "upper limit a request may ask for")
@@ -118,10 +123,14 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_sequence_length", "threads", "port", "shutdown_grace_seconds", "max_prompt_tokens",
-                     "metrics_port", "http_port", "metrics_top_adapters", "replicas", "replica_gpus"):
+        for name in ("max_sequence_length", "prefill_chunk_tokens", "prefill_step_tokens", "threads", "port",
+                     "shutdown_grace_seconds", "max_prompt_tokens", "metrics_port", "http_port", "metrics_top_adapters",
+                     "replicas", "replica_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefill_step_tokens and self.prefill_step_tokens < self.prefill_chunk_tokens:
+            raise ValueError(f"prefill_step_tokens ({self.prefill_step_tokens}) must be 0 or at least "
+                             f"prefill_chunk_tokens ({self.prefill_chunk_tokens})")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:
             raise ValueError(f"quant_blocksize must be a power of two >= 32, got {self.quant_blocksize}")
         if self.quant not in ("nf4", "int4"):

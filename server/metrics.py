@@ -128,7 +128,8 @@ class Metrics(NullMetrics):
             return
         now = time.monotonic()
         for seq in seqs:
-            if not seq.output_ids:     # its first prefill; a preempted sequence has output and is not recounted
+            # its first prefill (or first prompt piece); a preempted sequence has output and is not recounted
+            if not seq.output_ids and not seq.fed:
                 self.queue.observe(now - seq.arrival)
                 self.prompt_tokens.inc(len(seq.prompt_ids))
 

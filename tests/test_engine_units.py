@@ -146,13 +146,50 @@ def test_scheduler_respects_prefill_token_budget():
     assert s.schedule().seqs == [b]
 
 
+def sampled(x: Sequence, token: int) -> None:
+    """What the engine does after a step that gave x a token: all its tokens are in the cache, then the new one."""
+    x.fed = x.num_tokens
+    x.output_ids.append(token)
+
+
+def fed(batch) -> None:
+    """What the engine does after a mixed step: each sequence's fed count, and a token for those that sample."""
+    for i, x in enumerate(batch.seqs):
+        x.fed = batch.fed_after(i)
+        if x.fed == x.num_tokens:
+            x.output_ids.append(0)
+
+
+def test_chunked_prefill_cuts_prompts_at_fixed_positions_beside_every_decode():
+    s = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_tokens=100, max_queue_size=8,
+                  prefill_chunk_tokens=8)
+    a, b, c = seq(3), seq(19), seq(5)
+    for x in (a, b, c):
+        s.add(x)
+    steps = []
+    for _ in range(5):
+        batch = s.schedule()
+        steps.append(([x for x in batch.seqs[:batch.num_decodes]], list(zip(batch.seqs[batch.num_decodes:],
+                                                                              batch.pieces or []))))
+        fed(batch)
+    # a's whole prompt (3) leaves 5 of the budget, too few for b's first piece (8): b starts next, goes on at
+    # 8 and 16 (fixed cuts, never where room is left), and c waits until the budget has room for its whole
+    # first piece; a decodes in every step once it has a token
+    assert steps[0] == ([], [(a, (0, 3))])
+    assert steps[1] == ([a], [(b, (0, 8))])
+    assert steps[2] == ([a], [(b, (8, 16))])
+    assert steps[3] == ([a], [(b, (16, 19)), (c, (0, 5))])
+    assert steps[4][0] == [a, b, c] and steps[4][1] == []
+    assert all(sum(end - start for _, (start, end) in pieces) <= 8 for _, pieces in steps)
+
+
 def test_scheduler_preempts_newest_when_blocks_run_out():
     s = Scheduler(BlockManager(2, 4), max_batch_size=4, max_prefill_tokens=100, max_queue_size=4)
     a, b = seq(4), seq(4)
     s.add(a), s.add(b)
     assert s.schedule().seqs == [a, b]          # each takes its one block
-    a.output_ids.append(7)
-    b.output_ids.append(7)                      # both need a second block, none is free
+    sampled(a, 7)
+    sampled(b, 7)                               # both need a second block, none is free
     batch = s.schedule()
     assert batch.seqs == [a] and b.status is Status.WAITING and s.preemptions == 1
     assert s.blocks.num_free == 0 and b.block_table == []
@@ -163,8 +200,8 @@ def test_preempted_sequence_is_saved_then_resumed_into_new_blocks_without_a_pref
     a, b = seq(4), seq(4)
     s.add(a), s.add(b)
     s.schedule()
-    a.output_ids.append(7)
-    b.output_ids.append(7)
+    sampled(a, 7)
+    sampled(b, 7)
     old_table = list(b.block_table)
     s.schedule()                                       # b is preempted
     assert s.take_kv_moves() == ([(b, old_table)], []) and b.swapped
@@ -180,8 +217,8 @@ def test_preempted_sequence_is_recomputed_when_host_rows_run_out():
     a, b = seq(4), seq(4)
     s.add(a), s.add(b)
     s.schedule()
-    a.output_ids.append(7)
-    b.output_ids.append(7)
+    sampled(a, 7)
+    sampled(b, 7)
     s.schedule()
     assert s.take_kv_moves() == ([], []) and not b.swapped
     s.finish(a)

@@ -242,7 +242,8 @@ class Engine:
             if chore is not None:
                 chore()
             if batch is not None:
-                self.metrics.step(batch.prefill, batch.seqs)
+                for prefill, seqs in batch.phases():
+                    self.metrics.step(prefill, seqs)
                 self._run(batch)
 
     def _run(self, batch: Batch) -> None:
@@ -257,13 +258,14 @@ class Engine:
             sampled, error = None, _classify(exc)
         with self._lock:
             self.steps += 1
-            outputs = [self._postprocess(seq, i, sampled, error) for i, seq in enumerate(batch.seqs)]
+            outputs = [self._postprocess(seq, i, sampled, error, batch.fed_after(i))
+                       for i, seq in enumerate(batch.seqs)]
         for seq, out in outputs:
             if out is not None:
                 seq.sink(out)
 
     # ---- after a step ---------------------------------------------------------------------------
-    def _postprocess(self, seq: Sequence, i: int, sampled, error):
+    def _postprocess(self, seq: Sequence, i: int, sampled, error, fed_after: int):
         seq.in_step = False
         if seq.status is Status.FINISHED:
             return seq, None
@@ -276,7 +278,10 @@ class Engine:
         if error is not None:
             self._finish(seq, StopReason.ERROR)
             return seq, self._output(seq, "", [], True, StopReason.ERROR, error=error)
+        seq.fed = fed_after
         token = sampled.token_ids[i]
+        if token is None:          # a prompt piece before its prompt's last: nothing to tell yet
+            return seq, None
         seq.output_ids.append(token)
         now = time.monotonic()
         self.metrics.token(seq, now)

@@ -4,7 +4,7 @@ Never touches a queue; the scheduler and engine decide what runs."""
 import torch
 
 from ...adapters.segments import compute_segments
-from ..model.context import StepContext
+from ..model.context import Pieces, StepContext
 from ..model.llama import LlamaForCausalLM
 from . import kv_cache
 from ..model.lm_head import OutputHead
@@ -31,18 +31,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, batch: Batch, eos_ids: tuple[int, ...]) -> Sampled:
-        if not batch.prefill:
-            # equal context lengths side by side, so attention groups are slices; outputs follow this order
-            batch.seqs.sort(key=lambda seq: seq.num_tokens)
-        input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
+        """The next token of every sequence whose tokens are all fed after this step (token_ids[i] None
+        for a prompt piece that is not its prompt's last)."""
+        decodes = batch.num_decodes
+        # equal context lengths side by side, so attention groups are slices; outputs follow this order
+        batch.seqs[:decodes] = sorted(batch.seqs[:decodes], key=lambda seq: seq.num_tokens)
+        if batch.pieces is not None:
+            input_ids, ctx = self._prepare_mixed(batch)
+        else:
+            input_ids, ctx = self._prepare_prefill(batch.seqs) if batch.prefill else self._prepare_decode(batch.seqs)
         if self.lora_step is not None:
             slots = [seq.slot for seq in batch.seqs]
-            lengths = [seq.num_tokens if batch.prefill else 1 for seq in batch.seqs]
+            lengths = [batch.feeds(i) for i in range(len(batch.seqs))]
             lora = max(slots) >= 0 and batch.weight_set is None     # a merged step needs no LoRA work
             self.lora_step.set(compute_segments(slots, lengths, self.device) if lora else None)
             self.lora_step.weight_set = batch.weight_set
         hidden = self.model(input_ids, ctx)
-        return pick(self.head, hidden, batch.seqs, eos_ids)
+        wanted = [i for i, seq in enumerate(batch.seqs) if batch.fed_after(i) == seq.num_tokens]
+        if len(wanted) == len(batch.seqs):
+            return pick(self.head, hidden, batch.seqs, eos_ids)
+        return _spread(pick(self.head, hidden, [batch.seqs[i] for i in wanted], eos_ids), wanted, len(batch.seqs))
 
     @torch.inference_mode()
     def move_kv(self, saves: list[tuple[Sequence, list[int]]], restores: list[Sequence]) -> None:
@@ -80,6 +88,31 @@ class ModelRunner:
                           cu_seqlens=bounds, logits_index=self._tensor([b - 1 for b in bounds[1:]]))
         return self._tensor(ids), ctx
 
+    def _prepare_mixed(self, batch: Batch):
+        """Decode rows first (as in a decode step), then each prompt piece's tokens."""
+        decodes = batch.num_decodes
+        ids, positions, rows, logits = [], [], [], []
+        ctx = None
+        if decodes:
+            decode_ids, ctx = self._prepare_decode(batch.seqs[:decodes])
+            ids, positions, rows = decode_ids.tolist(), ctx.positions.tolist(), ctx.write_rows.tolist()
+            logits = list(range(decodes))
+        bounds, starts, key_rows = [0], [], []
+        for seq, (start, end) in zip(batch.seqs[decodes:], batch.pieces):
+            ids += seq.all_ids()[start:end]
+            positions += range(start, end)
+            rows += self._rows(seq.block_table, start, end)
+            bounds.append(bounds[-1] + end - start)
+            starts.append(start)
+            key_rows.append(self._tensor(self._rows(seq.block_table, 0, end)) if start else None)
+            if end == seq.num_tokens:
+                logits.append(decodes + bounds[-1] - 1)
+        pieces = Pieces(offset=decodes, bounds=bounds, starts=starts, key_rows=key_rows)
+        step = StepContext(is_prefill=False, positions=self._tensor(positions), write_rows=self._tensor(rows),
+                           gather_rows=ctx and ctx.gather_rows, decode_groups=ctx and ctx.decode_groups,
+                           logits_index=self._tensor(logits), pieces=pieces)
+        return self._tensor(ids), step
+
     def _prepare_decode(self, seqs: list[Sequence]):
         lengths = [seq.num_tokens for seq in seqs]   # ascending
         width = -(-lengths[-1] // self.block_size)
@@ -94,6 +127,16 @@ class ModelRunner:
                           decode_groups=_runs(lengths), logits_index=torch.arange(len(seqs), device=self.device))
         last = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
         return self._tensor(last), ctx
+
+
+def _spread(sampled: Sampled, wanted: list[int], size: int) -> Sampled:
+    """Sampled for the `wanted` rows of a batch, laid out over the whole batch (None where no token)."""
+    tokens, logprobs, top = [None] * size, [0.0] * size, [[] for _ in range(size)]
+    for j, i in enumerate(wanted):
+        tokens[i] = sampled.token_ids[j]
+        if sampled.logprobs is not None:
+            logprobs[i], top[i] = sampled.logprobs[j], sampled.top[j]
+    return Sampled(tokens, logprobs, top, {wanted[j]: exc for j, exc in sampled.failed.items()})
 
 
 def _runs(sorted_lengths: list[int]) -> list[tuple[int, int, int]]:

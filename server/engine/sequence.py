@@ -77,6 +77,7 @@ class Sequence:
         self.adapter_pending = False   # waiting for its adapter to reach a slot
         self.weight_set = None         # the merged adapter version whose copy of the weights it runs on; None: base
         self.weight_set_assigned = False   # weight_set is fixed (weight_sets.WeightSets.assign)
+        self.fed = 0                   # tokens of all_ids() whose K/V are in the cache (prompt pieces, decodes)
         self.swapped = False           # preempted with its K/V rows kept in host memory (Scheduler._preempt)
         self.saved_kv: list | None = None   # those rows, per layer (k, v), held by the runner
 
@@ -88,6 +89,12 @@ class Sequence:
     def num_cached(self) -> int:
         """Tokens whose K/V are in the cache: all but the last during decode."""
         return self.num_tokens - 1
+
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt (or, after a preemption that dropped its K/V, its tokens so far) is not all in the
+        cache yet: it is fed in pieces before it decodes (chunked prefill)."""
+        return not (self.output_ids and self.fed == self.num_tokens - 1)
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

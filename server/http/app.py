@@ -121,15 +121,7 @@ class OpenAIEndpoint:
         headers = {"x-request-id": first.request_id}
         if parsed[0].stream:
             return EventStream(_events(answer, first, outputs, chat, body), headers)
-        try:
-            rest = await until_gone(request.receive, _rest(first, outputs))
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:   # noqa: BLE001
-            return error_response(_on_the_wire(exc, chat, body), headers)
-        finally:
-            await outputs.aclose()
-        return JSONResponse(answer.whole(rest), headers=headers)
+        return await _whole(request, answer, first, outputs, body, headers)
 
     def _authenticate(self, request: Request) -> None:
         if not self.auth_token:
@@ -159,11 +151,22 @@ class OpenAIEndpoint:
         return body
 
 
-async def _rest(first, outputs) -> list:
-    collected = [first]
-    async for out in outputs:
-        collected.append(out)
-    return collected
+async def _whole(request: Request, answer: Answer, first, outputs, body: dict, headers: dict) -> Response:
+    """The whole answer in one body, once the last output is in (or the error, or nothing if the client
+    left meanwhile)."""
+    async def rest() -> list:
+        collected = [first]
+        async for out in outputs:
+            collected.append(out)
+        return collected
+    try:
+        return JSONResponse(answer.whole(await until_gone(request.receive, rest())), headers=headers)
+    except ClientGone:
+        return Response(status_code=499)
+    except Exception as exc:   # noqa: BLE001
+        return error_response(_on_the_wire(exc, answer.request.chat, body), headers)
+    finally:
+        await outputs.aclose()
 
 
 async def _events(answer: Answer, first, outputs, chat: bool, body: dict):

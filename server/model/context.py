@@ -1,12 +1,24 @@
 """Per-step metadata, built once by the model runner before the forward pass; layers only read it.
 
 Tokens of all sequences in a step are laid out flat: `[num_tokens, hidden]`. A prefill step holds
-whole prompts back to back; a decode step holds one token per sequence.
+whole prompts back to back; a decode step holds one token per sequence; a mixed step (chunked prefill)
+holds one token per decoding sequence first, then pieces of prompts.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Pieces:
+    """The prompt pieces of a mixed step, after its `offset` decode rows."""
+    offset: int                        # rows before the first piece (the decoding sequences' tokens)
+    bounds: list[int]                  # each piece's rows, from offset: bounds[j]:bounds[j + 1]
+    starts: list[int]                  # each piece's first position in its sequence
+    # the KV cache rows of positions 0 .. piece end of each piece that continues a prompt (start > 0):
+    # its queries attend to the cached start of the prompt and to themselves; None for a first piece
+    key_rows: list[torch.Tensor | None]
 
 
 @dataclass
@@ -24,3 +36,5 @@ class StepContext:
     decode_groups: list[tuple[int, int, int]] | None = None
     # rows of the hidden states whose logits are needed (the last token of each sequence)
     logits_index: torch.Tensor | None = None   # [batch] int64
+    # mixed steps: the prompt pieces after the decode rows (the decode fields above cover those rows)
+    pieces: Pieces | None = None

@@ -86,7 +86,10 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         self.k_cache[ctx.write_rows] = k
         self.v_cache[ctx.write_rows] = v
-        out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
+        if ctx.pieces is not None:
+            out = self._mixed(q, k, v, ctx)
+        else:
+            out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
     def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
@@ -94,9 +97,22 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         bounds = ctx.cu_seqlens
         for start, end in zip(bounds[:-1], bounds[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))   # [1, heads, len, dim]
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            out[start:end] = o[0].transpose(0, 1)
+            out[start:end] = _causal(q[start:end], k[start:end], v[start:end])
+        return out
+
+    def _mixed(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        """The decode rows as in a decode step, then each prompt piece: a first piece attends to itself as a
+        whole prompt does (so a prompt within one piece computes exactly as unchunked), a later one to the
+        cached start of its prompt and to itself, causally."""
+        pieces, out = ctx.pieces, torch.empty_like(q)
+        if pieces.offset:
+            out[:pieces.offset] = self._decode(q[:pieces.offset], ctx)
+        for j, (start, key_rows) in enumerate(zip(pieces.starts, pieces.key_rows)):
+            rows = slice(pieces.offset + pieces.bounds[j], pieces.offset + pieces.bounds[j + 1])
+            if key_rows is None:
+                out[rows] = _causal(q[rows], k[rows], v[rows])
+            else:
+                out[rows] = _after_prefix(q[rows], self.k_cache[key_rows], self.v_cache[key_rows], start)
         return out
 
     def _decode(self, q, ctx: StepContext) -> torch.Tensor:
@@ -121,6 +137,21 @@ class Attention(nn.Module):
         k = keys[:, :length].transpose(1, 2)      # [1, kv_heads, length, dim]
         v = values[:, :length].transpose(1, 2)
         return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+
+def _causal(q, k, v) -> torch.Tensor:
+    """One sequence's tokens attending to each other causally: [len, heads, dim] each (k, v: kv heads)."""
+    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))            # [1, heads, len, dim]
+    return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+
+
+def _after_prefix(q, keys, values, start: int) -> torch.Tensor:
+    """A piece's queries (positions start ..) over the keys of positions 0 .. piece end: [len, heads, dim]."""
+    length, context = q.shape[0], keys.shape[0]
+    positions = torch.arange(start, start + length, device=q.device)
+    visible = torch.arange(context, device=q.device)[None] <= positions[:, None]       # [len, context]
+    qs, ks, vs = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, enable_gqa=True)[0].transpose(0, 1)
 
 
 class MLP(nn.Module):

