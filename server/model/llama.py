@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .context import StepContext
+from .decode_attention import attend_groups
 
 
 class RMSNorm(nn.Module):
@@ -117,26 +118,10 @@ class Attention(nn.Module):
 
     def _decode(self, q, ctx: StepContext) -> torch.Tensor:
         # q: [batch, heads, dim]; K/V of all sequences gathered once: [batch, max_context, kv_heads, dim]
-        batch, groups = q.shape[0], ctx.decode_groups
+        batch = q.shape[0]
         keys = self.k_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
         values = self.v_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
-        if batch == 1:
-            return self._attend(q, keys, values, groups[0][2])
-        out = torch.empty_like(q)
-        for start, end, length in groups:
-            # one call per sequence, never a batched one: with more than one thread, the CPU kernel splits
-            # its work by batch size, and a batch of equal-length sequences rounded differently from each
-            # sequence alone (measured: 42 of 42 outputs differed in their last bits on 2 cores)
-            for i in range(start, end):
-                out[i:i + 1] = self._attend(q[i:i + 1], keys[i:i + 1], values[i:i + 1], length)
-        return out
-
-    @staticmethod
-    def _attend(q, keys, values, length: int) -> torch.Tensor:
-        """q: [1, heads, dim]; keys, values: [1, context, kv_heads, dim] -> [1, heads, dim], over :length."""
-        k = keys[:, :length].transpose(1, 2)      # [1, kv_heads, length, dim]
-        v = values[:, :length].transpose(1, 2)
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+        return attend_groups(q, keys, values, ctx.decode_groups)
 
 
 def _causal(q, k, v) -> torch.Tensor:
