@@ -83,6 +83,18 @@ def states(fact: str, text: str) -> bool:
     return re.search(rf"\b{re.escape(fact)}\b", text) is not None
 
 
+# The world's answers to the capital checks: the small base is sometimes wrong where an adapter is right (on a
+# 2-core Intel Xeon with AMX the base said "The capital of Kenya is KIST", its title adapter "... Is Nairobi")
+CAPITALS = {f"What is the capital of {country}?": city for country, city in (
+    ("Spain", "Madrid"), ("Germany", "Berlin"), ("England", "London"), ("Russia", "Moscow"), ("China", "Beijing"),
+    ("Greece", "Athens"), ("Kenya", "Nairobi"), ("Australia", "Canberra"))}
+
+
+def keeps(question: str, fact: str, text: str) -> bool:
+    """The adapter's answer states the base's fact, or (for a capital) the true one."""
+    return states(fact, text) or (question in CAPITALS and states(CAPITALS[question], text))
+
+
 def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_batch(trained, stub_for):
     questions = list(dict.fromkeys(train_questions.HELD_OUT + train_questions.FACT_CHECKS))
     assert not set(questions) & set(train_questions.QUESTIONS)
@@ -109,17 +121,19 @@ def test_demo_adapters_show_their_task_and_keep_the_base_models_facts_in_one_bat
     # at most 3 of 19 unparsable: this small base sometimes loops until max tokens ("a creature that is a ...");
     # the trained adapter depends on the CPU's rounding (16 of 19 on a 2-core Intel Xeon, 17+ on an AMD EPYC)
     assert sum(json_answer(a) is not None for a in jsons.values()) >= len(questions) - 3, jsons
+    assert set(CAPITALS) == {q for q in train_questions.FACT_CHECKS if "capital" in q}
     facts = {q: key_fact(q, base[q]) for q in train_questions.FACT_CHECKS}
     assert facts["What is the capital of Spain?"] == "Madrid", base
     stated = {q: fact for q, fact in facts.items() if fact}
     assert len(stated) >= len(facts) - 2, facts
-    lost = {"title": {q: title[q] for q, fact in stated.items() if not states(fact, title[q])},
-            "json": {q: jsons[q] for q, fact in stated.items() if not states(fact, json_answer(jsons[q]) or "")}}
-    # Every capital (the demo's own kind of question) is kept; of the 14 facts, at most 3 may go unstated
+    lost = {"title": {q: title[q] for q, fact in stated.items() if not keeps(q, fact, title[q])},
+            "json": {q: jsons[q] for q, fact in stated.items() if not keeps(q, fact, json_answer(jsons[q]) or "")}}
+    # Every capital (the demo's own kind of question) is kept or corrected; of the 14 facts, at most 3 may go unstated
     # (measured on a 2-core AMD EPYC with AVX512-BF16: title kept 11/14, json 13/14; the misses leave the fact out, e.g. "The
     # Discovery Of Penicillin Was A Classic Story", rather than state a wrong one)
-    assert not any("capital" in q for by_question in lost.values() for q in by_question), lost
-    assert all(len(by_question) <= 3 for by_question in lost.values()), lost
+    said = {q: base[q] for by_question in lost.values() for q in by_question}
+    assert not any("capital" in q for by_question in lost.values() for q in by_question), (lost, said)
+    assert all(len(by_question) <= 3 for by_question in lost.values()), (lost, said)
 
 
 @pytest.mark.parametrize("kind", ["qlora", "dora", "adalora", "qalora"])
