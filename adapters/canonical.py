@@ -4,7 +4,9 @@ Format readers (one module per format under `formats/`) validate and normalize a
 path only ever sees `delta_W = b @ a` per (layer, target), plus an optional per-output scale applied after
 base + delta, and never branches on the adapter's format:
 
-- LoRA, QLoRA, rsLoRA, rank/alpha patterns: the format's scaling folded into `b`;
+- LoRA, QLoRA, rsLoRA, rank/alpha patterns: the format's scaling folded into `b`, or, for factors saved in
+  bfloat16 / float16 and served by the CPU kernels, both kept as saved with the scaling in `b_scale` (they
+  are widened, and b scaled, only inside the LoRA op: see csrc/lora_cpu.cpp);
 - AdaLoRA: the singular values folded into `a`, pruned ranks dropped, its scaling folded into `b`;
 - QA-LoRA: `a` widened from [r, in / group_size] to act on the full input (`group_size` is kept);
 - DoRA: `magnitude` as read; `output_scale = magnitude / ||W + b a||` (row norms over the dequantized base
@@ -13,6 +15,7 @@ base + delta, and never branches on the adapter's format:
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
 
@@ -22,10 +25,11 @@ class LoraModule:
     ([out, in]) and, for DoRA, a per-output-feature scale (None: 1)."""
 
     a: Tensor  # [rank, in_features]
-    b: Tensor  # [out_features, rank]; the format's scaling (e.g. alpha / r) is already folded in
+    b: Tensor  # [out_features, rank]; the format's scaling (e.g. alpha / r) folded in unless b_scale says
     magnitude: Tensor | None = None     # [out_features] float32: DoRA's magnitude vector m, as read
     output_scale: Tensor | None = None  # [out_features] float32: m / ||W + b a|| per row, set by dora.bind
     group_size: int | None = None       # QA-LoRA: a's columns are constant over groups of this many inputs
+    b_scale: float | None = None    # 16-bit factors kept as saved: the scaling still to apply to b; None: folded
 
     @property
     def needs_base(self) -> bool:
@@ -44,9 +48,17 @@ class LoraModule:
     def out_features(self) -> int:
         return self.b.shape[0]
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(a, b) with the scaling folded into b: float32 (b widened, then scaled) for factors kept as saved,
+        so each value is the one the reader would have folded in."""
+        if self.b_scale is None:
+            return self.a, self.b
+        return self.a.to(torch.float32), self.b.to(torch.float32) * self.b_scale
+
     def delta_weight(self) -> Tensor:
         """[out_features, in_features]: the dense update this module adds to the base weight."""
-        return self.b @ self.a
+        a, b = self.factors()
+        return b @ a
 
     def nbytes(self) -> int:
         extra = sum(t.nbytes for t in (self.magnitude, self.output_scale) if t is not None)

@@ -57,6 +57,7 @@ class ReadSettings:
     dtype: torch.dtype = torch.float32
     base_weight: BaseWeight | None = None    # (layer, target) -> dequantized base weight, for DoRA's norms
     read_timeout_s: float | None = None      # None: reader.default_read_timeout
+    keep_16bit: bool = False                 # 16-bit factors stay as saved (SlotBuffers.keeps_16bit)
 
 
 class AdapterLoader:
@@ -170,7 +171,7 @@ class AdapterLoader:
         not wait for it."""
         set_nice(nice)
         r = self.reading
-        reader = ReaderProcess(r.model, r.max_rank, r.dtype, nice, r.read_timeout_s)
+        reader = ReaderProcess(r.model, r.max_rank, r.dtype, nice, r.read_timeout_s, r.keep_16bit)
         reader.start()
         return reader
 

@@ -60,6 +60,7 @@ class LoraLinear(nn.Module):
         self.slices = [(buffers.a[t][layer], buffers.b[t][layer], buffers.device_ranks[t][layer], offset, size)
                        for t, offset, size in targets]
         self.scales = [(buffers.scale[t][layer], offset, size) for t, offset, size in targets]
+        self.storage = [(buffers.stored[t][layer], buffers.b_scale[t][layer]) for t, _, _ in targets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.alternates.get(self.step.weight_set, self.base)(x)     # [num_tokens, out_features]
@@ -76,9 +77,9 @@ class LoraLinear(nn.Module):
     def add_delta(self, x: torch.Tensor, segments: Segments, out: torch.Tensor) -> None:
         """out[:, slice of t] += x @ A_t.T @ B_t.T per token's slot, for every target t (in place)."""
         shrunk = x.new_zeros(x.shape[0], self.step.buffers.max_rank)  # [num_tokens, max_rank]; base rows stay 0
-        for a, b, ranks, offset, size in self.slices:   # buffers are allocated in the compute dtype
-            ops.lora_shrink(x, a, segments, ranks, shrunk)
-            ops.lora_expand(shrunk, b, segments, ranks, out, out_slice=(offset, size))
+        for (a, b, ranks, offset, size), (stored, b_scale) in zip(self.slices, self.storage):
+            ops.lora_shrink(x, a, segments, ranks, shrunk, stored)      # buffers are in the compute dtype
+            ops.lora_expand(shrunk, b, segments, ranks, out, (offset, size), stored, b_scale)
 
 
 def attach_lora(model: nn.Module, step: LoraStep) -> None:

@@ -13,7 +13,8 @@ Four implementations, picked per call by `_pick` (callers never pick):
             launch of `triton_ops.fused` for decode-sized steps; the CUDA LoRA layers (fused_layer.py) use it.
 - "native": the segment loop in C++ (`csrc/lora_cpu.cpp`, built by `native.py`): one call per op for all
             segments, each segment through the same BLAS call as torch's matmul, so results are bit for bit
-            the loop's. Taken for float32 on the CPU whenever it is built.
+            the loop's. Taken for float32 on the CPU whenever it is built; the only one that reads slots
+            kept in 16 bits (`stored`, see slots.py), widening them inside the call.
 - "loop":   one matmul per segment with that slot's own rank; no padding at all.
 - "gather": gather per-token A/B (padded only to the largest rank among the slots present in the step,
             masked to each token's rank), then one batched matmul. Wins when there are many tiny segments.
@@ -90,7 +91,7 @@ def choose(num_tokens: int, num_segments: int, weight_elems: int, dtype: torch.d
 
 
 def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, ranks: Ranks,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, stored: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: out[s_i:e_i, :r] = x[s_i:e_i] @ a_stack[slot_i, :r].T with r = ranks[slot_i], per segment i.
 
     x:       [num_tokens, in], float32 or bfloat16.
@@ -98,6 +99,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, rank
     ranks:   list[int] or LongTensor [num_slots], each slot's live rank (<= max_rank).
     out:     [num_tokens, max_rank], x's dtype; WRITTEN IN PLACE, only the adapter rows and only the
              first ranks[slot] columns of each; base-only rows are untouched. Returned for chaining.
+    stored:  LongTensor [num_slots] or None: slots whose factors are kept in 16 bits (SlotBuffers.stored).
     """
     if not len(segments):
         return out
@@ -105,13 +107,15 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, rank
     if impl == "triton":
         return _triton().shrink(x, a_stack, segments.token_slots, _as_tensor(ranks, x.device), out)
     if impl == "native":
-        return shrink_native(x, a_stack, segments, ranks, out)
+        return shrink_native(x, a_stack, segments, ranks, out, stored)
+    _refuse_16bit(stored, impl)
     ranks = _as_list(ranks)
     return (shrink_gather if impl == "gather" else shrink_loop)(x, a_stack, segments, ranks, out)
 
 
 def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, ranks: Ranks, out: torch.Tensor,
-                out_slice: tuple[int, int] | None = None) -> torch.Tensor:
+                out_slice: tuple[int, int] | None = None, stored: torch.Tensor | None = None,
+                b_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: out[s_i:e_i, o:o+n] += y[s_i:e_i, :r] @ b_stack[slot_i, :, :r].T with r = ranks[slot_i].
 
     y:         [num_tokens, max_rank] (from lora_shrink), same dtype as b_stack.
@@ -119,6 +123,7 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
     ranks:     list[int] or LongTensor [num_slots].
     out:       [num_tokens, out_features], y's dtype; WRITTEN IN PLACE by addition, adapter rows only.
     out_slice: (o, n) to add into columns o:o+n of a packed output (q|k|v); default all n = out_features.
+    stored, b_scale: [num_slots] each or None: 16-bit slots and the scaling not folded into their b.
     """
     if not len(segments):
         return out
@@ -127,8 +132,9 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
     if impl == "triton":
         _triton().expand(y, b_stack, segments.token_slots, _as_tensor(ranks, y.device), target)
     elif impl == "native":
-        expand_native(y, b_stack, segments, ranks, target)
+        expand_native(y, b_stack, segments, ranks, target, stored, b_scale)
     else:
+        _refuse_16bit(stored, impl)
         ranks = _as_list(ranks)
         (expand_gather if impl == "gather" else expand_loop)(y, b_stack, segments, ranks, target)
     return out
@@ -169,15 +175,21 @@ def _pick(segments: Segments, ranks: Ranks, x: torch.Tensor, features: int) -> s
     return choose(segments.num_adapter_tokens, len(segments), elems, x.dtype)
 
 
-def shrink_native(x, a_stack, segments: Segments, ranks: Ranks, out):
+def shrink_native(x, a_stack, segments: Segments, ranks: Ranks, out, stored=None):
     """One kernel call for all segments (CPU, float32); base rows and columns past each rank are untouched."""
-    torch.ops.loraplex.lora_shrink(x, a_stack, segments.table, _as_tensor(ranks), out)
+    torch.ops.loraplex.lora_shrink(x, a_stack, segments.table, _as_tensor(ranks), out, stored)
     return out
 
 
-def expand_native(y, b_stack, segments: Segments, ranks: Ranks, out):
-    torch.ops.loraplex.lora_expand(y, b_stack, segments.table, _as_tensor(ranks), out)
+def expand_native(y, b_stack, segments: Segments, ranks: Ranks, out, stored=None, b_scale=None):
+    torch.ops.loraplex.lora_expand(y, b_stack, segments.table, _as_tensor(ranks), out, stored, b_scale)
     return out
+
+
+def _refuse_16bit(stored: torch.Tensor | None, impl: str) -> None:
+    """Only the native kernels widen slots kept in 16 bits; SlotBuffers keeps them only where those run."""
+    if stored is not None and bool(stored.any()):
+        raise RuntimeError(f"slots kept in 16 bits need the native CPU kernels, not {impl!r}")
 
 
 def shrink_loop(x, a_stack, segments: Segments, ranks: list[int], out):

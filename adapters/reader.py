@@ -76,11 +76,11 @@ class ReaderProcess:
     unanswered for read_timeout_s (None = default_read_timeout)."""
 
     def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, nice: int = 0,
-                 read_timeout_s: float | None = None):
+                 read_timeout_s: float | None = None, keep_16bit: bool = False):
         if read_timeout_s is not None and not read_timeout_s > 0:
             raise ValueError(f"read_timeout_s must be positive, got {read_timeout_s}")
         self.read_timeout_s = read_timeout_s or default_read_timeout(model, max_rank)
-        self._args = (model, max_rank, str(dtype).removeprefix("torch."), nice)
+        self._args = (model, max_rank, str(dtype).removeprefix("torch."), nice, keep_16bit)
         self._capacity = factor_elements(model, max_rank) * dtype.itemsize
         self._shared: torch.Tensor | None = None       # [capacity] uint8 in shared memory, made on first use
         self._lock = threading.Lock()
@@ -229,7 +229,8 @@ def _how_it_ended(proc) -> str:
     return f"exit status {code}"
 
 
-def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_name: str, nice: int) -> None:
+def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_name: str, nice: int,
+           keep_16bit: bool) -> None:
     """The child: read requests until None (or the parent goes away)."""
     torch.set_num_threads(1)
     if nice:
@@ -248,7 +249,7 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
             return
         directory, adapter_id = request
         try:
-            adapter = read_adapter(Path(directory), adapter_id, model, max_rank, dtype)
+            adapter = read_adapter(Path(directory), adapter_id, model, max_rank, dtype, keep_16bit)
         except AdapterFormatError as exc:
             conn.send(("format", str(exc)))
             continue
@@ -276,7 +277,9 @@ def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
              "magnitudes": {i: adapter.modules[k].magnitude for i, k in enumerate(keys)
                             if adapter.modules[k].magnitude is not None},
              "group_sizes": {i: adapter.modules[k].group_size for i, k in enumerate(keys)
-                             if adapter.modules[k].group_size is not None}}
+                             if adapter.modules[k].group_size is not None},
+             "b_scales": {i: adapter.modules[k].b_scale for i, k in enumerate(keys)
+                          if adapter.modules[k].b_scale is not None}}
     return index, torch.cat(parts)
 
 
@@ -291,9 +294,9 @@ def _unpack(index: dict, raw: torch.Tensor) -> Adapter:
             for rows, cols in ((rank, in_features), (out_features, rank)):
                 views.append(flat[offset:offset + rows * cols].view(rows, cols))
                 offset += rows * cols
-    magnitudes, groups = index.get("magnitudes", {}), index.get("group_sizes", {})
+    magnitudes, groups, scales = (index.get(name, {}) for name in ("magnitudes", "group_sizes", "b_scales"))
     modules = {(layer, target): LoraModule(a=views[2 * i], b=views[2 * i + 1], magnitude=magnitudes.get(i),
-                                           group_size=groups.get(i))
+                                           group_size=groups.get(i), b_scale=scales.get(i))
                for i, (layer, target, *_) in enumerate(entries)}
     return Adapter(adapter_id=index["adapter_id"], modules=modules, alpha=index["alpha"], source=index["source"],
                    format=index["format"])

@@ -102,7 +102,12 @@ class SlotBuffers:
     """a[target]: [num_layers, num_slots, max_rank, in]; b[target]: [num_layers, num_slots, out, max_rank];
     ranks[target]: [num_layers, num_slots] (0 = the adapter does not touch that module);
     scale[target]: [num_layers, num_slots + 1, out] float32, DoRA's output scales, for slots where
-    scaled[slot]; the last row is all ones."""
+    scaled[slot]; the last row is all ones.
+
+    With the CPU kernels and float32 buffers (`keeps_16bit`), an adapter saved in bfloat16 or float16 is
+    copied in as saved, packed at the start of its slot's rows, which the kernels widen:
+    stored[target]: [num_layers, num_slots] int64 (0 float32, 1 bfloat16, 2 float16) and
+    b_scale[target]: [num_layers, num_slots] float32, the scaling of such a slot's b (csrc/lora_cpu.cpp)."""
 
     def __init__(self, num_slots: int, max_rank: int, num_layers: int, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device):
@@ -117,6 +122,9 @@ class SlotBuffers:
         self.device_ranks = self.ranks if torch.device(device).type == "cpu" else {
             t: r.to(device) for t, r in self.ranks.items()}
         self._native = torch.device(device).type == "cpu" and native.available()
+        self.keeps_16bit = self._native and dtype == torch.float32
+        self.stored = {t: torch.zeros(num_layers, num_slots, dtype=torch.long) for t in shapes}
+        self.b_scale = {t: torch.ones(num_layers, num_slots, dtype=torch.float32) for t in shapes}
         # DoRA's per-output scales, float32 whatever the compute dtype; read only for slots marked `scaled`.
         # One more row, never written, stays 1: the row of every token whose slot is not scaled.
         self.scale = {t: torch.ones(num_layers, num_slots + 1, o, dtype=torch.float32, device=device)
@@ -136,8 +144,10 @@ class SlotBuffers:
             order = {t: i for i, t in enumerate(self.a)}
             modules = adapter.modules
             torch.ops.loraplex.slot_write(list(self.a.values()), list(self.b.values()), list(self.ranks.values()),
+                                          list(self.stored.values()), list(self.b_scale.values()),
                                           slot, [v for layer, t in modules for v in (order[t], layer)],
-                                          [m.a for m in modules.values()], [m.b for m in modules.values()])
+                                          [m.a for m in modules.values()], [m.b for m in modules.values()],
+                                          [1.0 if m.b_scale is None else m.b_scale for m in modules.values()])
         else:
             self._write_torch(slot, adapter)
         self._write_scales(slot, adapter)
@@ -148,7 +158,7 @@ class SlotBuffers:
         for (layer, target), module in adapter.modules.items():
             r = module.rank
             dst += [self.a[target][layer, slot, :r], self.b[target][layer, slot, :, :r]]
-            src += [module.a, module.b]
+            src += list(module.factors())       # widened here: only the CPU kernels read 16-bit slots
             self.ranks[target][layer, slot] = r
         # One fused call for all copies: loads run beside decoding, so their Python time counts.
         torch._foreach_copy_(dst, _on_device(src, dst[0].device), non_blocking=True)

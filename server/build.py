@@ -123,7 +123,7 @@ def _adapters(config: ServerConfig, model, backend, device, dtype):
             fused_layer.use_fused(model)      # one launch per packed module and step: see fused_layer.py
     registry = AdapterRegistry(config.adapter_slots, config.adapter_host_cache_mb * 2**20)
     reading = ReadSettings(model.config, config.max_lora_rank, dtype, base_weights(model, backend),
-                           config.adapter_read_timeout_seconds or None)
+                           config.adapter_read_timeout_seconds or None, keep_16bit=buffers.keeps_16bit)
     adapters = AdapterLoader(registry, AdapterRoots([pathlib.Path(r) for r in roots]), buffers, reading,
                              config.adapter_loader_nice)
     for adapter_id in config.adapter_preload_ids():

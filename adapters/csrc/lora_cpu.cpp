@@ -17,15 +17,27 @@
 //   lora_expand: out[starts[i]:ends[i], :]  += y[starts[i]:ends[i], :r] @ b_stack[s, :, :r].T
 // a_stack [S, R, in], b_stack [S, n, R] (contiguous); segments [3, num_segments] int64 (starts, ends, slots);
 // ranks [S] int64. Tokens outside every segment (base-only) are not touched.
+//
+// Slots saved in 16 bits (stored [S] int64: 0 float32, 1 bfloat16, 2 float16; absent = all float32) hold the
+// adapter as saved, packed at the start of the slot's float32 rows: A as [r, in], B as [n, r] without its
+// scaling, which b_scale [S] float32 gives. A segment on such a slot first widens its factors (times the
+// scale for B) into a float32 copy laid out as a float32 slot is, then makes the same BLAS call: widening is
+// exact and the scale is the float32 product the reader would have folded in, so its bits are the float32
+// slot's while each step reads half the bytes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -43,6 +55,47 @@ void linear_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, float
   const float one = 1.f, zero = 0.f;
   const char trans = 'T', no_trans = 'N';
   sgemm_(&trans, &no_trans, &m, &n, &k, &one, w, &lda, x, &ldb, &zero, c, &ldc_);
+}
+
+enum Stored : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// A float32 scratch of at least `count` elements, 64-byte aligned like torch's own buffers, one per thread.
+float* scratch(int64_t count) {
+  struct Free { void operator()(float* p) const { std::free(p); } };
+  thread_local std::unique_ptr<float, Free> buffer;
+  thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    const int64_t bytes = ((count * static_cast<int64_t>(sizeof(float)) + 63) / 64) * 64;
+    buffer.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(buffer, "out of memory widening an adapter");
+    capacity = bytes / static_cast<int64_t>(sizeof(float));
+  }
+  return buffer.get();
+}
+
+template <typename Half>
+void widen_rows(const Half* src, int64_t rows, int64_t cols, float scale, float* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[i * ld + j] = static_cast<float>(src[i * cols + j]) * scale;
+  }
+}
+
+// The 16-bit factor [rows, cols] packed at `src`, widened (times scale) into rows of stride ld of a scratch.
+const float* widened(const void* src, Stored stored, int64_t rows, int64_t cols, float scale, int64_t ld) {
+  float* dst = scratch(rows * ld);
+  if (stored == kBFloat16) {
+    widen_rows(static_cast<const c10::BFloat16*>(src), rows, cols, scale, dst, ld);
+  } else {
+    widen_rows(static_cast<const c10::Half*>(src), rows, cols, scale, dst, ld);
+  }
+  return dst;
+}
+
+const int64_t* stored_of(const std::optional<at::Tensor>& stored, int64_t num_slots) {
+  if (!stored.has_value()) return nullptr;
+  TORCH_CHECK(stored->scalar_type() == at::kLong && stored->is_contiguous() && stored->numel() == num_slots,
+              "stored must be int64 [num_slots]");
+  return stored->data_ptr<int64_t>();
 }
 
 struct SegmentTable {
@@ -87,12 +140,13 @@ void check_tensors(const at::Tensor& x, const at::Tensor& stack, const at::Tenso
 }
 
 void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& segments,
-                 const at::Tensor& ranks, at::Tensor out) {
+                 const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored) {
   check_tensors(x, a_stack, out);
   const int64_t max_rank = a_stack.size(1), in = a_stack.size(2);
   TORCH_CHECK(x.size(1) == in && out.size(1) >= max_rank, "lora_shrink: shape mismatch");
   const SegmentTable seg = table_of(segments, ranks, a_stack.size(0));
   const int64_t* rank = ranks.data_ptr<int64_t>();
+  const int64_t* kind = stored_of(stored, a_stack.size(0));
   const float* xp = x.data_ptr<float>();
   const float* ap = a_stack.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -100,17 +154,25 @@ void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tenso
   for_each_segment(seg, [&](int64_t i) {
     const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
     if (r == 0) return;
-    linear_rows(xp + start * ldx, ldx, ap + s * max_rank * in, in, op + start * ldo, ldo, len, r, in);
+    const float* a = ap + s * max_rank * in;
+    if (kind != nullptr && kind[s] != kFloat32) a = widened(a, static_cast<Stored>(kind[s]), r, in, 1.f, in);
+    linear_rows(xp + start * ldx, ldx, a, in, op + start * ldo, ldo, len, r, in);
   });
 }
 
 void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tensor& segments,
-                 const at::Tensor& ranks, at::Tensor out) {
+                 const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored,
+                 const std::optional<at::Tensor>& b_scale) {
   check_tensors(y, b_stack, out);
   const int64_t n = b_stack.size(1), max_rank = b_stack.size(2);
   TORCH_CHECK(y.size(1) >= max_rank && out.size(1) == n, "lora_expand: shape mismatch");
   const SegmentTable seg = table_of(segments, ranks, b_stack.size(0));
   const int64_t* rank = ranks.data_ptr<int64_t>();
+  const int64_t* kind = stored_of(stored, b_stack.size(0));
+  TORCH_CHECK(kind == nullptr || (b_scale.has_value() && b_scale->scalar_type() == at::kFloat &&
+                                  b_scale->is_contiguous() && b_scale->numel() == b_stack.size(0)),
+              "16-bit slots need b_scale float32 [num_slots]");
+  const float* scale = kind == nullptr ? nullptr : b_scale->data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   const float* bp = b_stack.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -121,7 +183,11 @@ void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tenso
     // [len, n]: the product first, then one add, as torch's `out += y @ b.T` rounds
     thread_local std::vector<float> delta;
     delta.resize(len * n);
-    linear_rows(yp + start * ldy, ldy, bp + s * n * max_rank, max_rank, delta.data(), n, len, n, r);
+    const float* b = bp + s * n * max_rank;
+    if (kind != nullptr && kind[s] != kFloat32) {
+      b = widened(b, static_cast<Stored>(kind[s]), n, r, scale[s], max_rank);
+    }
+    linear_rows(yp + start * ldy, ldy, b, max_rank, delta.data(), n, len, n, r);
     for (int64_t t = 0; t < len; ++t) {
       float* dst = op + (start + t) * ldo;
       const float* src = delta.data() + t * n;
@@ -140,35 +206,58 @@ void use_one_thread() {
   omp_set_num_threads(1);
 }
 
+void reset_slot(const at::Tensor& table, int64_t slot, at::ScalarType type, const char* what) {
+  TORCH_CHECK(table.scalar_type() == type && table.is_contiguous() && table.dim() == 2, what);
+  for (int64_t layer = 0; layer < table.size(0); ++layer) {
+    if (type == at::kLong) table.data_ptr<int64_t>()[layer * table.size(1) + slot] = 0;
+    else table.data_ptr<float>()[layer * table.size(1) + slot] = 1.f;
+  }
+}
+
 // Copies one adapter into slot `slot` of the stacked buffers in one call (the Python version makes ~600 small
 // torch calls, each a point where the decode thread may wait for the interpreter lock). entries holds
-// (target index, layer) per module; a_src[i] [r, in] and b_src[i] [out, r] are contiguous. Every target's
-// rank for this slot is reset to 0 first, then set for the modules given.
+// (target index, layer) per module; a_src[i] [r, in] and b_src[i] [out, r] are contiguous, of the stacks'
+// dtype or (into float32 stacks) bfloat16 / float16, kept as saved with b's scaling b_scales[i] beside it.
+// Every target's rank, storage and scale for this slot are reset first, then set for the modules given.
 void slot_write(const std::vector<at::Tensor>& a_stacks, const std::vector<at::Tensor>& b_stacks,
-                const std::vector<at::Tensor>& rank_tables, int64_t slot, const std::vector<int64_t>& entries,
-                const std::vector<at::Tensor>& a_src, const std::vector<at::Tensor>& b_src) {
-  TORCH_CHECK(a_stacks.size() == b_stacks.size() && a_stacks.size() == rank_tables.size(), "one stack per target");
-  TORCH_CHECK(entries.size() == 2 * a_src.size() && a_src.size() == b_src.size(), "one entry per module");
-  for (const auto& table : rank_tables) {
-    TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2, "ranks [L, S]");
-    int64_t* p = table.data_ptr<int64_t>();
-    for (int64_t layer = 0; layer < table.size(0); ++layer) p[layer * table.size(1) + slot] = 0;
+                const std::vector<at::Tensor>& rank_tables, const std::vector<at::Tensor>& stored_tables,
+                const std::vector<at::Tensor>& scale_tables, int64_t slot, const std::vector<int64_t>& entries,
+                const std::vector<at::Tensor>& a_src, const std::vector<at::Tensor>& b_src,
+                const std::vector<double>& b_scales) {
+  const size_t targets = a_stacks.size();
+  TORCH_CHECK(b_stacks.size() == targets && rank_tables.size() == targets && stored_tables.size() == targets &&
+                  scale_tables.size() == targets, "one stack and table of each kind per target");
+  TORCH_CHECK(entries.size() == 2 * a_src.size() && a_src.size() == b_src.size() && b_src.size() == b_scales.size(),
+              "one entry per module");
+  for (size_t t = 0; t < targets; ++t) {
+    reset_slot(rank_tables[t], slot, at::kLong, "ranks [L, S] int64");
+    reset_slot(stored_tables[t], slot, at::kLong, "stored [L, S] int64");
+    reset_slot(scale_tables[t], slot, at::kFloat, "b_scale [L, S] float32");
   }
   for (size_t i = 0; i < a_src.size(); ++i) {
     const int64_t t = entries[2 * i], layer = entries[2 * i + 1];
     const at::Tensor &a = a_stacks.at(t), &b = b_stacks.at(t), &sa = a_src[i], &sb = b_src[i];
+    const bool same = a.scalar_type() == sa.scalar_type() && b.scalar_type() == sb.scalar_type();
+    const bool half = a.scalar_type() == at::kFloat && sb.scalar_type() == sa.scalar_type() &&
+                      (sa.scalar_type() == at::kBFloat16 || sa.scalar_type() == at::kHalf);
     TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && sa.is_contiguous() && sb.is_contiguous() &&
-                    a.scalar_type() == sa.scalar_type() && b.scalar_type() == sb.scalar_type(),
-                "contiguous tensors of one dtype");
+                    (same || half), "contiguous tensors of the stacks' dtype, or 16-bit ones into float32 stacks");
     const int64_t slots = a.size(1), max_rank = a.size(2), in = a.size(3), out = b.size(2), r = sa.size(0);
     TORCH_CHECK(slot >= 0 && slot < slots && layer >= 0 && layer < a.size(0) && r <= max_rank &&
                     sa.size(1) == in && sb.size(0) == out && sb.size(1) == r, "module does not fit the slot");
-    const int64_t item = a.element_size();
+    const int64_t item = a.element_size(), from_item = sa.element_size();
     auto* a_dst = static_cast<char*>(a.data_ptr()) + ((layer * slots + slot) * max_rank) * in * item;
-    std::memcpy(a_dst, sa.data_ptr(), r * in * item);
+    std::memcpy(a_dst, sa.data_ptr(), r * in * from_item);
     auto* b_dst = static_cast<char*>(b.data_ptr()) + ((layer * slots + slot) * out) * max_rank * item;
     const auto* b_from = static_cast<const char*>(sb.data_ptr());
-    for (int64_t o = 0; o < out; ++o) std::memcpy(b_dst + o * max_rank * item, b_from + o * r * item, r * item);
+    if (same) {
+      for (int64_t o = 0; o < out; ++o) std::memcpy(b_dst + o * max_rank * item, b_from + o * r * item, r * item);
+    } else {
+      std::memcpy(b_dst, b_from, out * r * from_item);     // packed [out, r], widened by the ops
+      stored_tables[t].data_ptr<int64_t>()[layer * slots + slot] =
+          sa.scalar_type() == at::kBFloat16 ? kBFloat16 : kFloat16;
+      scale_tables[t].data_ptr<float>()[layer * slots + slot] = static_cast<float>(b_scales[i]);
+    }
     rank_tables[t].data_ptr<int64_t>()[layer * slots + slot] = r;
   }
 }
@@ -194,12 +283,15 @@ std::vector<at::Tensor> split_views(const at::Tensor& flat, const std::vector<in
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
-  m.def("slot_write(Tensor[] a_stacks, Tensor[] b_stacks, Tensor[] rank_tables, int slot, int[] entries, "
-        "Tensor[] a_src, Tensor[] b_src) -> ()", &slot_write);
+  m.def("slot_write(Tensor[] a_stacks, Tensor[] b_stacks, Tensor[] rank_tables, Tensor[] stored_tables, "
+        "Tensor[] scale_tables, int slot, int[] entries, Tensor[] a_src, Tensor[] b_src, float[] b_scales) -> ()",
+        &slot_write);
   m.def("split_views(Tensor flat, int[] dims) -> Tensor[]", &split_views);
   m.def("use_one_thread() -> ()", &use_one_thread);
-  m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
-  m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out) -> ()");
+  m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor segments, Tensor ranks, Tensor(a!) out, "
+        "Tensor? stored=None) -> ()");
+  m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out, "
+        "Tensor? stored=None, Tensor? b_scale=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {

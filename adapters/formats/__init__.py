@@ -21,9 +21,11 @@ __all__ = ["AdapterFormatError", "AdapterTooLarge", "bind", "factor_elements", "
 
 
 def read_adapter(adapter_dir: Path, adapter_id: str, model: ModelConfig, max_rank: int,
-                 dtype: torch.dtype = torch.float32) -> Adapter:
+                 dtype: torch.dtype = torch.float32, keep_16bit: bool = False) -> Adapter:
     """Reads and validates one adapter directory against the base model's shapes. DoRA adapters come back
-    with `needs_base` set: `bind` them to the base weights before serving."""
+    with `needs_base` set: `bind` them to the base weights before serving. keep_16bit: factors saved in
+    bfloat16 or float16 stay so, with their scaling beside them (`LoraModule.b_scale`), where the format
+    does no arithmetic on them (LoRA, rsLoRA, patterns, DoRA; not AdaLoRA or QA-LoRA)."""
     adapter_dir = Path(adapter_dir)
     config = read_config(adapter_dir)
     peft_type = config.get("peft_type")
@@ -31,4 +33,4 @@ def read_adapter(adapter_dir: Path, adapter_id: str, model: ModelConfig, max_ran
     if reader is None:
         raise AdapterFormatError(f"{CONFIG_FILE}: peft_type {peft_type!r} is not supported (supported: "
                                  f"{', '.join(READERS)})")
-    return reader(adapter_dir, adapter_id, config, model, max_rank, dtype)
+    return reader(adapter_dir, adapter_id, config, model, max_rank, dtype, keep_16bit)

@@ -22,7 +22,8 @@ STORED_RANK_FACTOR = 4
 
 
 def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, max_rank: int,
-         dtype: torch.dtype) -> Adapter:
+         dtype: torch.dtype, keep_16bit: bool = False) -> Adapter:
+    """keep_16bit is ignored: the singular values are multiplied into A, so the factors are not as saved."""
     refuse_unsupported(config, extra=(("use_dora", False, "AdaLoRA with DoRA is not supported"),))
     init_r = positive_int(config, "init_r")
     alpha = finite_number(config, "lora_alpha", config.get("lora_alpha", 8))

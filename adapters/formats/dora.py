@@ -43,7 +43,7 @@ def bind(adapter: Adapter, base_weight: BaseWeight | None) -> Adapter:
         if not module.needs_base:
             continue
         w = base_weight(layer, target)
-        a, b = module.a.to(w.device, torch.float32), module.b.to(w.device, torch.float32)
+        a, b = (f.to(w.device, torch.float32) for f in module.factors())
         norm = torch.linalg.norm(w.to(torch.float32) + b @ a, dim=1).cpu()
         scale = module.magnitude / norm
         if not torch.isfinite(scale).all():

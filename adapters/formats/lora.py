@@ -1,6 +1,7 @@
 """PEFT `peft_type: LORA` adapters: plain LoRA and QLoRA (the same files: QLoRA only trained on a 4-bit
 base), rsLoRA (`use_rslora`: alpha / sqrt(r)), per-module `rank_pattern` / `alpha_pattern`, DoRA
-(`use_dora`, see dora.py) and QA-LoRA (see qalora.py). Each module's scaling is folded into its `b`.
+(`use_dora`, see dora.py) and QA-LoRA (see qalora.py). Each module's scaling is folded into its `b`, unless
+16-bit factors are kept as saved (`keep_16bit`), with the scaling beside them.
 """
 
 import math
@@ -19,7 +20,7 @@ from .peft_files import (CONFIG_FILE, AdapterFormatError, check_layers, check_ra
 
 
 def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, max_rank: int,
-         dtype: torch.dtype) -> Adapter:
+         dtype: torch.dtype, keep_16bit: bool = False) -> Adapter:
     refuse_unsupported(config)
     rank = positive_int(config, "r")
     alpha = finite_number(config, "lora_alpha", config.get("lora_alpha", rank))
@@ -36,6 +37,7 @@ def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, m
     factors, paths = group_factors(read_weights(adapter_dir, model, max_rank), config, allowed)
     if group is None and not use_dora:
         group = qalora.detect_group_size(factors, model)
+    keep = keep_16bit and group is None and _saved_in_16bit(factors)
     modules = {}
     for key, found in factors.items():
         layer, target = key
@@ -54,13 +56,23 @@ def read(adapter_dir: Path, adapter_id: str, config: dict, model: ModelConfig, m
         a = found["A"]
         if group:
             a = qalora.widen(a, group, qalora.pool_factor(config, in_features, group))
+        magnitude = dora.magnitude(where, found, model, target) if use_dora else None
+        if keep:        # as saved; the LoRA op widens both and scales b (see canonical.py)
+            modules[key] = LoraModule(a=a.contiguous(), b=found["B"].contiguous(), magnitude=magnitude,
+                                      b_scale=float(scaling))
+            continue
         # Fold the scaling into b in float32, then cast once: the hot path computes x @ a.T @ b.T only.
         modules[key] = LoraModule(a=a.to(dtype).contiguous(), b=(found["B"].to(torch.float32) * scaling).to(dtype),
-                                  magnitude=dora.magnitude(where, found, model, target) if use_dora else None,
-                                  group_size=group)
+                                  magnitude=magnitude, group_size=group)
     check_layers(modules, config.get("layers_to_transform"), model)
     kind = "dora" if use_dora else "qalora" if group else "rslora" if rslora else "lora"
     return Adapter(adapter_id=adapter_id, modules=modules, alpha=alpha, source=str(adapter_dir), format=kind)
+
+
+def _saved_in_16bit(factors: dict) -> bool:
+    """Every A and B of the file is of one 16-bit dtype (a file mixing dtypes is widened whole)."""
+    dtypes = {found[name].dtype for found in factors.values() for name in ("A", "B")}
+    return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}
 
 
 def _pattern(config: dict, name: str, integer: bool) -> dict:
