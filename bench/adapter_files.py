@@ -32,6 +32,22 @@ def make_peft_adapters(model_dir: str, root: pathlib.Path, n: int, rank: int, do
     return names
 
 
+def saved_in_16bit(root: pathlib.Path, names: list[str], dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Copies of the adapters `names` with every tensor cast to dtype, in root/h0 ... (same configs): what a
+    user training in bfloat16 saves. PEFT widens them on load; the CPU engine serves them as saved."""
+    from safetensors.torch import load_file, save_file
+
+    copies = []
+    for i, name in enumerate(names):
+        d = root / f"h{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name / "adapter_config.json", d / "adapter_config.json")
+        tensors = load_file(str(root / name / "adapter_model.safetensors"))
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+        copies.append(d.name)
+    return copies
+
+
 def make_synthetic_adapters(template: pathlib.Path, root: pathlib.Path, n: int, seed: int,
                             distinct: int) -> list[str]:
     """n adapters named s0 .. s{n-1}: the template's config and tensor names/shapes with fresh random values

@@ -27,7 +27,7 @@ from loraplex.server.model.layout import TARGETS
 
 from . import hf, machine
 from .engine_bench import isolated, measure
-from .adapter_files import make_peft_adapters, make_synthetic_adapters, zipf_choice
+from .adapter_files import make_peft_adapters, make_synthetic_adapters, saved_in_16bit, zipf_choice
 from .adapters_plot import plot
 from .bandwidth import bandwidth_floor
 from .ours import Recorder
@@ -186,9 +186,12 @@ def run(s: Settings, root: pathlib.Path) -> dict:
     t0 = time.perf_counter()
     names = isolated(lambda: make_peft_adapters(model_dir, root, s.adapters, s.rank))
     log.info("made %d PEFT adapters in %.1f s", len(names), time.perf_counter() - t0)
+    # the same adapters saved in bfloat16, which the CPU engine keeps as saved (float32 compute only)
+    halves = saved_in_16bit(root, names) if device.type == "cpu" and dtype == torch.float32 else []
     prompts = decode_prompts(s.adapters)
     b = len(prompts)
-    runs: dict[str, list] = {k: [] for k in ("ours_distinct", "ours_base", "peft_mixed", "peft_base")}
+    kinds = ("ours_distinct", "ours_distinct_bf16", "ours_base", "peft_mixed", "peft_base")
+    runs: dict[str, list] = {k: [] for k in kinds if halves or k != "ours_distinct_bf16"}
 
     def record(kind, fn, rep):
         value, foreign = measure(fn, s)
@@ -197,11 +200,16 @@ def run(s: Settings, root: pathlib.Path) -> dict:
         if rep >= 0:
             runs[kind].append((value, foreign))
 
-    with engine_running(root, s.adapters, s.rank, s) as engine:
+    with engine_running(root, len(names + halves), s.rank, s) as engine:
         # warm-up: compiles/loads everything, and puts all adapters into their device slots
         record("ours_distinct", lambda: ours_decode(engine, prompts, names, s.prompt_tokens, 4), -1)
+        if halves:
+            record("ours_distinct_bf16", lambda: ours_decode(engine, prompts, halves, s.prompt_tokens, 4), -1)
         for rep in range(s.repeats):
             record("ours_distinct", lambda: ours_decode(engine, prompts, names, s.prompt_tokens, s.new_tokens), rep)
+            if halves:
+                record("ours_distinct_bf16",
+                       lambda: ours_decode(engine, prompts, halves, s.prompt_tokens, s.new_tokens), rep)
             record("ours_base", lambda: ours_decode(engine, prompts, [""] * b, s.prompt_tokens, s.new_tokens), rep)
     if device.type == "cuda":    # the LoRA path the CUDA engine does not take by default, for comparison
         runs["ours_distinct_two_kernels"] = []
@@ -228,6 +236,12 @@ def run(s: Settings, root: pathlib.Path) -> dict:
               "ours_distinct_vs_ours_base": best["ours_distinct"] / best["ours_base"],
               "peft_mixed_vs_peft_base": best["peft_mixed"] / best["peft_base"]}
     decode.update(bandwidth_floor(best["ours_base"], b, s.rank, device, dtype))
+    if halves:
+        decode.update({"ours_distinct_bf16_vs_ours_base": best["ours_distinct_bf16"] / best["ours_base"],
+                       "ours_distinct_bf16_vs_peft_mixed": best["ours_distinct_bf16"] / best["peft_mixed"],
+                       "ours_distinct_bf16_vs_ours_distinct": best["ours_distinct_bf16"] / best["ours_distinct"]})
+        log.info("decode, adapters saved in bfloat16: ours-distinct/ours-base %.3f (floor %.3f)",
+                 decode["ours_distinct_bf16_vs_ours_base"], decode["floor_ratio_vs_base_16bit"])
     log.info("decode: ours-distinct/PEFT-mixed %.2fx, ours-distinct/ours-base %.3f",
              decode["ours_distinct_vs_peft_mixed"], decode["ours_distinct_vs_ours_base"])
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -16,10 +16,12 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     axes = list(axes[0])
     ax = axes.pop(0)
-    labels = ["ours\n16 distinct", "ours\nbase only", "PEFT\n16 mixed", "PEFT\nbase only"]
-    labels = [l.replace("16", str(d["adapters"])) for l in labels]
-    values = [d["ours_distinct_tok_s"], d["ours_base_tok_s"], d["peft_mixed_tok_s"], d["peft_base_tok_s"]]
-    bars = ax.bar(labels, values, color=["#1f77b4", "#9ecae1", "#d62728", "#fcae91"])
+    bars = [("ours\n16 distinct", "ours_distinct", "#1f77b4"), ("ours, 16\nsaved bf16", "ours_distinct_bf16", "#6baed6"),
+            ("ours\nbase only", "ours_base", "#9ecae1"), ("PEFT\n16 mixed", "peft_mixed", "#d62728"),
+            ("PEFT\nbase only", "peft_base", "#fcae91")]
+    bars = [(label.replace("16", str(d["adapters"])), d[f"{key}_tok_s"], color) for label, key, color in bars
+            if f"{key}_tok_s" in d]
+    bars = ax.bar([l for l, _, _ in bars], [v for _, v, _ in bars], color=[c for _, _, c in bars])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"Decode, batch {d['batch']}, {d['new_tokens']} new tokens, rank {d['rank']} on 7 projections",
