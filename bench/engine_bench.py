@@ -42,7 +42,7 @@ class Settings:
     hf_batch: int = 16
     max_batch_size: int = 32
     kv_cache_mb: int = 512
-    prefill_chunk_tokens: int = 32   # the chunked-prefill round (--prefill-chunk-tokens)
+    prefill_chunk_tokens: int = 24   # the chunked-prefill round (--prefill-chunk-tokens; see docs/operations.md)
     wait_quiet: bool = True
     max_foreign: float = 0.10
     retries: int = 2
