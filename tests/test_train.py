@@ -80,7 +80,7 @@ def key_fact(question: str, answer: str) -> str | None:
 
 
 def states(fact: str, text: str) -> bool:
-    """Whether text names fact, in any letter case (the title adapter recases "KIST" as "Kist")."""
+    """Whether text names fact as a word, in any letter case."""
     return re.search(rf"\b{re.escape(fact)}\b", text, re.IGNORECASE) is not None
 
 
