@@ -32,6 +32,7 @@ from loraplex.v1 import generation_pb2_grpc as pb_grpc
 ZIPF = [f"z{i:02d}" for i in range(20)]      # the trace's adapters
 SAME = ["s0", "s1", "s2"]                     # answers compared with the single server
 SPARE = "spare"                               # loaded only by the admin test
+REPLICAS = 2
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 
 
@@ -60,7 +61,7 @@ def flags(model, root):
 @pytest.fixture(scope="module")
 def front(tiny_model_dir, adapter_root):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags(tiny_model_dir, adapter_root).items()]
-    process = FrontProcess("--replicas=2", "--replica-cpus=1", "--shutdown-grace-seconds=30", *args)
+    process = FrontProcess(f"--replicas={REPLICAS}", "--replica-cpus=1", "--shutdown-grace-seconds=30", *args)
     yield process
     process.kill()
 
@@ -149,9 +150,11 @@ def loads_ok(front) -> float:
 
 def test_zipf_trace_reads_each_adapter_about_once(stubs, front):
     """A Poisson trace (25 requests/s) whose adapters follow Zipf(1.1) over 20: Serve's multiplexed routing
-    sends an adapter's requests where it is resident, so each adapter is read from disk at most 1.2x on
-    average over the replicas (a second replica reads one only when its requests come within the ~0.2 s
-    Serve takes to tell its routers of a new residency)."""
+    sends an adapter's requests where it is resident. Routing blind to residency would read an adapter with
+    n requests on about R(1 - (1 - 1/R)^n) of the R replicas (1.78 reads per adapter for this trace); the
+    rule asserted is that multiplexing saves at least half of those extra reads. A second replica reads an
+    adapter only when its requests come within the time Serve takes to tell its routers of a new residency
+    (~0.2 s idle, longer on a loaded machine)."""
     gen, _, _ = stubs
     rng = random.Random(7)
     weights = [1 / (k + 1) ** 1.1 for k in range(len(ZIPF))]
@@ -164,9 +167,11 @@ def test_zipf_trace_reads_each_adapter_about_once(stubs, front):
     assert [call.code() for call in calls] == [OK] * len(calls)
     loads = loads_ok(front) - before
     distinct = len(set(trace))
+    blind = sum(REPLICAS * (1 - (1 - 1 / REPLICAS) ** trace.count(a)) for a in set(trace))
     print(f"zipf trace: {len(trace)} requests, {distinct} adapters, {loads:.0f} reads "
-          f"({loads / distinct:.2f} per adapter); {1 - loads / len(trace):.1%} found their adapter resident")
-    assert loads / distinct <= 1.2
+          f"({loads / distinct:.2f} per adapter, {blind / distinct:.2f} if routed blind); "
+          f"{1 - loads / len(trace):.1%} found their adapter resident")
+    assert loads <= (distinct + blind) / 2
 
 
 def running(front) -> dict[str, float]:
