@@ -1,4 +1,5 @@
-"""The CPU kernels of `csrc/lora_cpu.cpp`, compiled once per machine and torch version, then loaded.
+"""The native CPU kernels, compiled once per machine and torch version, then loaded: the segmented LoRA ops
+(`csrc/lora_cpu.cpp`) and paged decode attention (`csrc/decode_attention_cpu.cpp`), one library.
 
 `make install` builds them (`python -m loraplex.adapters.native`); at run time `available()` only loads the
 cached library (or builds it once if it is missing). `--no-native-kernels` (`LORAPLEX_NATIVE_KERNELS=0`)
@@ -19,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_cpu.cpp", "decode_attention_cpu.cpp")]
 # -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
 # so shares the runtime torch already loaded (one thread pool, not two).
 CFLAGS = ["-O3", "-fopenmp"]
@@ -46,14 +47,14 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """True when torch.ops.loraplex.lora_shrink/lora_expand can be called (loads or builds on first call)."""
+    """True when the torch.ops.loraplex kernels can be called (loads or builds on first call)."""
     if "ok" not in _state:
         _state["ok"] = enabled() and _load()
     return bool(_state["ok"])
 
 
 def build_dir() -> Path:
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
+    parts = [*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return Path(_settings()[1]) / "native" / key
 
@@ -65,10 +66,10 @@ def _load() -> bool:
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        cpp_extension.load(name="loraplex_lora_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name="loraplex_lora_cpu", sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
         log.debug("native LoRA kernels ready in %.1fs (%s)", time.perf_counter() - started, directory)
-        return hasattr(torch.ops.loraplex, "lora_shrink")
+        return hasattr(torch.ops.loraplex, "lora_shrink") and hasattr(torch.ops.loraplex, "paged_decode_attention")
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch ops still work
         _state["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("native LoRA kernels unavailable, using torch ops: %s", _state["error"])

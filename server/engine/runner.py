@@ -110,7 +110,8 @@ class ModelRunner:
         pieces = Pieces(offset=decodes, bounds=bounds, starts=starts, key_rows=key_rows)
         step = StepContext(is_prefill=False, positions=self._tensor(positions), write_rows=self._tensor(rows),
                            gather_rows=ctx and ctx.gather_rows, decode_groups=ctx and ctx.decode_groups,
-                           logits_index=self._tensor(logits), pieces=pieces)
+                           block_tables=ctx and ctx.block_tables, context_lengths=ctx and ctx.context_lengths,
+                           block_size=self.block_size, logits_index=self._tensor(logits), pieces=pieces)
         return self._tensor(ids), step
 
     def _prepare_decode(self, seqs: list[Sequence]):
@@ -124,7 +125,9 @@ class ModelRunner:
         ctx = StepContext(is_prefill=False, positions=self._tensor([n - 1 for n in lengths]),
                           write_rows=rows[torch.arange(len(seqs)), torch.tensor(lengths) - 1].to(self.device),
                           gather_rows=rows[:, :lengths[-1]].flatten().to(self.device),
-                          decode_groups=_runs(lengths), logits_index=torch.arange(len(seqs), device=self.device))
+                          decode_groups=_runs(lengths), block_tables=tables.to(self.device),
+                          context_lengths=torch.tensor(lengths).to(self.device), block_size=self.block_size,
+                          logits_index=torch.arange(len(seqs), device=self.device))
         last = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
         return self._tensor(last), ctx
 

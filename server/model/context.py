@@ -34,6 +34,11 @@ class StepContext:
     # with the same length. Attention runs per group over exactly that length, never padded: padding
     # changes rounding, so a sequence's numbers would depend on what else is in the batch.
     decode_groups: list[tuple[int, int, int]] | None = None
+    # decode, for the paged kernel that reads K/V in place: each sequence's KV blocks [batch, width] int64,
+    # its context length [batch] int64, and the rows per block
+    block_tables: torch.Tensor | None = None
+    context_lengths: torch.Tensor | None = None
+    block_size: int = 0
     # rows of the hidden states whose logits are needed (the last token of each sequence)
     logits_index: torch.Tensor | None = None   # [batch] int64
     # mixed steps: the prompt pieces after the decode rows (the decode fields above cover those rows)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .context import StepContext
-from .decode_attention import attend_groups
+from .decode_attention import attend_decode
 
 
 class RMSNorm(nn.Module):
@@ -117,11 +117,7 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q, ctx: StepContext) -> torch.Tensor:
-        # q: [batch, heads, dim]; K/V of all sequences gathered once: [batch, max_context, kv_heads, dim]
-        batch = q.shape[0]
-        keys = self.k_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
-        values = self.v_cache.index_select(0, ctx.gather_rows).view(batch, -1, self.num_kv_heads, self.head_dim)
-        return attend_groups(q, keys, values, ctx.decode_groups)
+        return attend_decode(q, self.k_cache, self.v_cache, ctx)     # q: [batch, heads, dim]
 
 
 def _causal(q, k, v) -> torch.Tensor:
