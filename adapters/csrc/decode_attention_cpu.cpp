@@ -8,9 +8,9 @@
 // which is torch's scaled_dot_product_attention of the query over the sequence's first L keys (enable_gqa).
 //
 // A sequence's numbers must not depend on the rest of its batch (the batch-invariance tests' greedy answers
-// rely on it). Here that holds by construction: work is split over (sequence, kv head) pairs, each computed
-// alone from its own rows with every sum in a fixed order, so neither the batch nor the threading can change
-// a bit. torch's own kernel keeps each row's bits in a shared call on some machines and not on others
+// rely on it). Here that holds by construction: every (sequence, head) is computed alone from its own rows
+// with every sum in a fixed order, so neither the batch nor the threading nor the split of the work into
+// tasks (a sequence, or one kv head's query heads of it) can change a bit. torch's own kernel keeps each row's bits in a shared call on some machines and not on others
 // (decode_attention.py), which left those machines one attention call per sequence and layer.
 //
 // The hot loop is compiled for AVX-512, AVX2+FMA and plain x86-64 (GCC's target_clones, chosen once when
@@ -71,11 +71,23 @@ inline __attribute__((always_inline)) float dot(const float* a, const float* b) 
   return reduce(acc);
 }
 
+constexpr int64_t kAhead = 4;    // rows of keys prefetched ahead
+
+inline __attribute__((always_inline)) void prefetch_row(const float* row, int64_t bytes) {
+  const char* at = reinterpret_cast<const char*>(row);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(at + i);
+}
+
 struct Cache {
   const float* keys;
   const float* values;
   int64_t row_stride;   // kv_heads * head_dim
   int64_t block_size;
+
+  // The offset of position j's row, for a sequence with block table `table`.
+  int64_t row(const int64_t* table, int64_t j) const {
+    return (table[j / block_size] * block_size + j % block_size) * row_stride;
+  }
 };
 
 // Turns scores s[0, length) into e^(s - max s), zeroes the padding up to `padded` (a multiple of kLanes)
@@ -91,32 +103,38 @@ inline __attribute__((always_inline)) float softmax_weights(float* s, int64_t le
   return reduce(acc);
 }
 
-// The `group` query heads q [group, Dim] that share kv head `head`, over `length` positions of one sequence
-// (its block table `table`). scores: scratch of group * padded floats, padded = length rounded up to
-// kLanes; out: [group, Dim].
+// Query heads [first, last) of one sequence (q, out: [heads, Dim] of that sequence; head h reads kv head
+// h / group) over its `length` positions, through its block table `table`. Rows are read whole, every head
+// of the range from one pass. scores: scratch of heads * padded floats, padded = length rounded up to kLanes;
+// totals: scratch of heads floats.
 template <int64_t Dim>
-inline __attribute__((always_inline)) void attend_group(const float* q, const Cache& cache, const int64_t* table, int64_t head,
-                                  int64_t length, int64_t group, float scale, float* scores, float* out) {
+inline __attribute__((always_inline)) void attend_heads(const float* q, const Cache& cache, const int64_t* table,
+                                                        int64_t length, int64_t first, int64_t last, int64_t group,
+                                                        float scale, float* scores, float* totals, float* out) {
   const int64_t padded = (length + kLanes - 1) / kLanes * kLanes;
+  const int64_t row_bytes = cache.row_stride * static_cast<int64_t>(sizeof(float));
   for (int64_t j = 0; j < length; ++j) {
-    const int64_t row = table[j / cache.block_size] * cache.block_size + j % cache.block_size;
-    const float* key = cache.keys + row * cache.row_stride + head * Dim;
-    for (int64_t g = 0; g < group; ++g) scores[g * padded + j] = scale * dot<Dim>(q + g * Dim, key);
+    // the key row kAhead positions on and this position's value row are fetched while this one is used:
+    // a step's rows are mostly in no cache yet (30 layers at batch 16, context 96, in a 512 MiB cache on a
+    // 2-core AMD EPYC: 6.3 ms a step without, 5.5 ms with; a task per kv head instead of whole rows, 7.4 ms)
+    if (j + kAhead < length) prefetch_row(cache.keys + cache.row(table, j + kAhead), row_bytes);
+    prefetch_row(cache.values + cache.row(table, j), row_bytes);
+    const float* keys = cache.keys + cache.row(table, j);
+    for (int64_t h = first; h < last; ++h) scores[h * padded + j] = scale * dot<Dim>(q + h * Dim, keys + h / group * Dim);
   }
-  float totals[64];
-  for (int64_t g = 0; g < group; ++g) totals[g] = softmax_weights(scores + g * padded, length, padded);
-  std::fill(out, out + group * Dim, 0.0f);
+  for (int64_t h = first; h < last; ++h) totals[h] = softmax_weights(scores + h * padded, length, padded);
+  std::fill(out + first * Dim, out + last * Dim, 0.0f);
   for (int64_t j = 0; j < length; ++j) {
-    const int64_t row = table[j / cache.block_size] * cache.block_size + j % cache.block_size;
-    const float* value = cache.values + row * cache.row_stride + head * Dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * padded + j];
-      float* o = out + g * Dim;
-      for (int64_t d = 0; d < Dim; ++d) o[d] += p * value[d];
+    const float* values = cache.values + cache.row(table, j);
+    for (int64_t h = first; h < last; ++h) {
+      const float p = scores[h * padded + j];
+      const float* v = values + h / group * Dim;
+      float* o = out + h * Dim;
+      for (int64_t d = 0; d < Dim; ++d) o[d] += p * v[d];
     }
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < Dim; ++d) out[g * Dim + d] /= totals[g];
+  for (int64_t h = first; h < last; ++h)
+    for (int64_t d = 0; d < Dim; ++d) out[h * Dim + d] /= totals[h];
 }
 
 struct Step {
@@ -125,6 +143,7 @@ struct Step {
   const int64_t* tables;    // [B, width]
   const int64_t* lengths;   // [B]
   int64_t width, heads, kv_heads, dim;
+  int64_t splits;           // tasks per sequence: 1 (all heads) or kv_heads (one kv head's group each)
   float scale;
   float* out;               // [B, H, D]
 };
@@ -133,23 +152,23 @@ bool supported_dim(int64_t dim) {
   return dim == 32 || dim == 64 || dim == 80 || dim == 96 || dim == 128 || dim == 256;
 }
 
-// Tasks [begin, end) of the step's (sequence, kv head) pairs; scores: scratch for the longest sequence.
-LORAPLEX_CLONES void attend_tasks(const Step& step, int64_t begin, int64_t end, float* scores) {
-  const int64_t group = step.heads / step.kv_heads;
+// Tasks [begin, end) of the step: task t is sequence t / splits, heads of split t % splits. scores, totals:
+// scratch for the longest sequence.
+LORAPLEX_CLONES void attend_tasks(const Step& step, int64_t begin, int64_t end, float* scores, float* totals) {
+  const int64_t group = step.heads / step.kv_heads, per_split = step.heads / step.splits;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / step.kv_heads, head = task % step.kv_heads;
-    const int64_t offset = (b * step.heads + head * group) * step.dim;
-    const float* q = step.q + offset;
+    const int64_t b = task / step.splits, first = task % step.splits * per_split, last = first + per_split;
+    const float* q = step.q + b * step.heads * step.dim;
     const int64_t* table = step.tables + b * step.width;
     const int64_t n = step.lengths[b];
-    float* out = step.out + offset;
+    float* out = step.out + b * step.heads * step.dim;
     switch (step.dim) {
-      case 32: attend_group<32>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
-      case 64: attend_group<64>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
-      case 80: attend_group<80>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
-      case 96: attend_group<96>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
-      case 128: attend_group<128>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
-      default: attend_group<256>(q, step.cache, table, head, n, group, step.scale, scores, out); break;
+      case 32: attend_heads<32>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
+      case 64: attend_heads<64>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
+      case 80: attend_heads<80>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
+      case 96: attend_heads<96>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
+      case 128: attend_heads<128>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
+      default: attend_heads<256>(q, step.cache, table, n, first, last, group, step.scale, scores, totals, out); break;
     }
   }
 }
@@ -180,21 +199,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                   tables.is_contiguous() && lengths.is_contiguous(),
               "tables [B, W] and lengths [B], int64");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == dim && supported_dim(dim) && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 64,
-              "head_dim 32, 64, 80, 96, 128 or 256 and up to 64 query heads per kv head (", heads, " heads, ",
-              kv_heads, " kv heads, dim ", dim, ")");
+  TORCH_CHECK(k_cache.size(2) == dim && supported_dim(dim) && kv_heads > 0 && heads % kv_heads == 0,
+              "head_dim 32, 64, 80, 96, 128 or 256, heads a multiple of kv heads (", heads, " heads, ", kv_heads,
+              " kv heads, dim ", dim, ")");
   TORCH_CHECK(block_size > 0, "block_size > 0");
   check_tables(tables, lengths, block_size, k_cache.size(0));
   auto out = at::empty_like(q);
   if (batch == 0) return out;
   const auto* n = lengths.data_ptr<int64_t>();
+  // a task per sequence, reading its rows whole, unless the batch is too small to keep every thread busy
+  const int64_t splits = batch >= at::get_num_threads() ? 1 : kv_heads;
   const Step step{q.data_ptr<float>(), {k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), kv_heads * dim, block_size},
-                  tables.data_ptr<int64_t>(), n, tables.size(1), heads, kv_heads, dim, static_cast<float>(scale),
-                  out.data_ptr<float>()};
+                  tables.data_ptr<int64_t>(), n, tables.size(1), heads, kv_heads, dim, splits,
+                  static_cast<float>(scale), out.data_ptr<float>()};
   const int64_t padded = (*std::max_element(n, n + batch) + kLanes - 1) / kLanes * kLanes;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(heads / kv_heads * padded);
-    attend_tasks(step, begin, end, scores.data());
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(heads * padded), totals(heads);
+    attend_tasks(step, begin, end, scores.data(), totals.data());
   });
   return out;
 }
