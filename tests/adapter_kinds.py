@@ -137,9 +137,18 @@ def as_the_fused_kernel_scales(model) -> None:
             state.absmax = state.absmax.to(torch.bfloat16).float()
 
 
+NEAR_TIE = 0.1     # nats between the oracle's top two log-probabilities where a greedy flip is allowed
+
+
 def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int, merged: bool = False) -> list[int]:
     """PEFT's greedy tokens with one adapter (None: the base) on the NF4 base, exactly `new_tokens` of them;
     merged: after PEFT's merge_and_unload (the adapter quantized into the 4-bit weights)."""
+    return peft_greedy_scored(base_dir, adapter_dir, ids, new_tokens, merged)[0]
+
+
+def peft_greedy_scored(base_dir, adapter_dir, ids: list[int], new_tokens: int,
+                       merged: bool = False) -> tuple[list[int], list[float]]:
+    """peft_greedy's tokens, and at each step the gap between the oracle's top two log-probabilities."""
     from peft import PeftModel
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -152,5 +161,14 @@ def peft_greedy(base_dir, adapter_dir, ids: list[int], new_tokens: int, merged: 
             if merged:
                 model = model.merge_and_unload()
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens)
-    return out[0, len(ids):].tolist()
+                             min_new_tokens=new_tokens, output_scores=True, return_dict_in_generate=True)
+    gaps = [float(s[0].float().log_softmax(-1).topk(2).values.diff().abs()) for s in out.scores]
+    return out.sequences[0, len(ids):].tolist(), gaps
+
+
+def agrees(ours: list[int], scored: tuple[list[int], list[float]], near_tie: float = NEAR_TIE) -> bool:
+    """The near-tie rule: our greedy tokens equal the oracle's, or first differ at a step where the oracle's
+    top two are within `near_tie` nats (where a last-bit difference in float32 may flip the choice)."""
+    tokens, gaps = scored
+    first = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), None)
+    return len(ours) == len(tokens) and (first is None or gaps[first] < near_tie)

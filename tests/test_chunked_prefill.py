@@ -4,7 +4,7 @@ stream waits for a prefill; a step never feeds more prompt tokens than the budge
 in the middle of their prompt answer as they do alone.
 
 Oracle rule for HF and PEFT: equal greedy tokens, or a first difference at a step where the oracle's top two
-log-probabilities are within NEAR_TIE nats (a later piece attends to the cached start of its prompt, which
+log-probabilities are within adapter_kinds.NEAR_TIE nats (a later piece attends to the cached start of its prompt, which
 sums the same products in another order than one whole prefill). Against the request alone: exact tokens
 and float32 logprobs."""
 
@@ -16,11 +16,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from adapter_kinds import agrees
 from engine_calls import exact_request, run_together, tokens_and_logprobs
 from servers import ServerThread
 
 CHUNK = 32
-NEAR_TIE = 0.1
 NEW = 16
 STORY = ("The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed the rocky "
          "coast at night, and the sailors trusted the beam to guide them home. One winter the storms grew "
@@ -64,12 +64,6 @@ def oracle(embedded_dir, root, prompt: str, adapter: str) -> tuple[list[int], li
                              output_scores=True, return_dict_in_generate=True)
     gaps = [float(s[0].float().log_softmax(-1).topk(2).values.diff().abs()) for s in out.scores]
     return out.sequences[0, len(ids):].tolist(), gaps
-
-
-def agrees(ours: list[int], want: tuple[list[int], list[float]]) -> bool:
-    tokens, gaps = want
-    first = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), None)
-    return first is None or gaps[first] < NEAR_TIE
 
 
 def joining_running_decodes(engine, late: list, new_running: int = 48) -> dict:
