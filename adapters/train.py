@@ -55,7 +55,8 @@ RECIPE = 2
 # Does a demo adapter keep the base's facts? Measured on a 2-core AMD EPYC CPU, no GPU, through the server:
 # 20 held-out factual questions (FACT_CHECKS and 6 more), 48 new tokens; kept = the fact the served base
 # states (its first capitalized word or number the question lacks: "Madrid") is in the adapter's answer.
-# All at 60 steps, lr 1e-3, rank 8 (the defaults; `loraplex demo` trains with them):
+# All at 60 steps, lr 1e-3, rank 8 (the defaults; `loraplex demo` trains its title adapter 80 steps, see
+# DEMO_TRAIN_STEPS in clients/demo.py):
 #   recipe 1: caps 0/20 ("THE CAPITAL OF SIA is ISLANDS."), json 13/20 (17/20 parse as JSON)
 #   recipe 2: title 17/20 (20/20 in Title Case), json 19/20 (20/20 parse); caps 2/20
 #   recipe 2, retrained by the test suite on a 2-core AMD EPYC with AVX512-BF16: of the 14 FACT_CHECKS
@@ -177,6 +178,14 @@ def recipe_of(out: pathlib.Path) -> int | None:
     try:
         return int(json.loads((out / STATE_FILE).read_text()).get("recipe", 1))
     except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def steps_of(out: pathlib.Path) -> int | None:
+    """The optimizer steps the adapter in `out` was trained for, over all its runs (None: unknown)."""
+    try:
+        return int(json.loads((out / STATE_FILE).read_text())["steps"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 

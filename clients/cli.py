@@ -133,7 +133,7 @@ def _add_demo(commands, environ) -> None:
     p.add_argument("--adapters", help="directory of the demo adapters, trained there when missing "
                                       "[~/.cache/loraplex/demo-adapters]")
     p.add_argument("--no-adapters", action="store_true", help="skip the demo adapters")
-    p.add_argument("--train-steps", type=int, default=60, help="training steps of a missing demo adapter [60]")
+    p.add_argument("--train-steps", type=int, help="training steps of every demo adapter [title 80, json 60]")
     p.add_argument("--startup-timeout", type=float, default=environ.get("LORAPLEX_STARTUP_TIMEOUT", "600"),
                    help="seconds to wait for SERVING [env LORAPLEX_STARTUP_TIMEOUT, default 600]")
     p.set_defaults(run=_demo)

@@ -28,7 +28,16 @@ DEMO_MAX_NEW_TOKENS = 48
 # Adapter name (= its training task) -> what it does; trained on other questions than DEMO_ADAPTER_QUESTION.
 # No `caps`: in capitals this base model's facts do not survive training (see adapters/train.py).
 DEMO_ADAPTERS = {"title": "answers in Title Case", "json": "answers as a JSON object"}
-DEMO_ADAPTER_QUESTION = "What is the capital of Spain?"
+# Training steps per demo adapter, and the question all three answer in one batch. Measured under PEFT on a
+# 2-core AMD EPYC, greedy to EOS or 48 tokens over 10 capital questions, as the smallest gap between the top
+# two log-probabilities on the answer's path (where a last-bit change in the arithmetic can flip a token):
+#   title, 60 steps: "Spain" 0.025 nats ("Madrid" over "Barcelona"), "England" 0.048 (a loop); 80 steps: every
+#   answer one clean sentence, every gap 0.85 or more; 100 steps: "Barcelona".
+#   json, 60 steps: "Spain" 0.003 (its sentence ends or loops), "Italy" 0.054, Germany 2.26; 80 steps: it lost
+#   Moscow and Canberra.
+# Germany's answers: base 0.157 (at its last token), title (80 steps) 0.916, json (60 steps) 2.26.
+DEMO_TRAIN_STEPS = {"title": 80, "json": 60}
+DEMO_ADAPTER_QUESTION = "What is the capital of Germany?"
 DEMO_OPENAI_QUESTION = "What is the capital of Italy?"
 STOP_WAIT_SECONDS = 30.0
 
@@ -160,22 +169,25 @@ def default_adapter_root() -> pathlib.Path:
     return pathlib.Path(base) / "loraplex" / "demo-adapters"
 
 
-def prepare_adapters(root: pathlib.Path, steps: int) -> bool:
-    """Trains each demo adapter that `root` lacks or that an older recipe made (`loraplex train`, with its
-    progress bar); the base model's answers the first one was trained from serve the others too."""
-    from loraplex.adapters.train import RECIPE, has_answers, recipe_of
+def prepare_adapters(root: pathlib.Path, steps: int | None = None) -> bool:
+    """Trains each demo adapter that `root` lacks or that an older recipe or another number of steps made
+    (`loraplex train`, with its progress bar; steps: for every adapter, else DEMO_TRAIN_STEPS); the base
+    model's answers the first one was trained from serve the others too."""
+    from loraplex.adapters.train import RECIPE, has_answers, recipe_of, steps_of
 
     answered = next((root / name for name in DEMO_ADAPTERS if recipe_of(root / name) == RECIPE
                      and has_answers(root / name)), None)
     for name, what in DEMO_ADAPTERS.items():
-        recipe = recipe_of(root / name)
-        if recipe == RECIPE:
+        recipe, wanted = recipe_of(root / name), steps or DEMO_TRAIN_STEPS[name]
+        if recipe == RECIPE and steps_of(root / name) == wanted:
             continue
-        why = "once; later runs reuse it" if recipe is None else f"again: an older training recipe ({recipe}) made it"
+        why = ("once; later runs reuse it" if recipe is None else
+               f"again: an older training recipe ({recipe}) made it" if recipe != RECIPE else
+               f"again: {steps_of(root / name)} steps made it, the demo trains {wanted}")
         print(f"training the demo adapter {name!r} ({what}) into {root / name}, {why}", flush=True)
         reuse = ["--answers-from", str(answered)] if answered else []
         done = subprocess.run([sys.executable, "-m", "loraplex.adapters.train", str(root / name), "--task", name,
-                               "--steps", str(steps), *reuse], stdin=subprocess.DEVNULL)
+                               "--steps", str(wanted), *reuse], stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             print(f"training the demo adapter {name!r} failed (exit {done.returncode})", file=sys.stderr)
             return False
