@@ -2,6 +2,7 @@
 through the sinks (called on the engine thread after each step)."""
 
 import contextlib
+import dataclasses
 import gc
 import threading
 import time
@@ -48,12 +49,12 @@ class Recorder:
 def running(model: str, max_batch_size: int, kv_cache_mb: int, **config):
     """A fresh engine, loaded and run on its own thread (as the server does), started, warmed up with one short
     request; stopped on exit, so its thread and that thread's OpenMP worker pool are gone afterwards.
-    config: further ServerConfig fields (their defaults otherwise)."""
+    config: further ServerConfig fields (else what the LORAPLEX_* variables give, else their defaults)."""
     from loraplex.server.build import launch_engine
-    from loraplex.server.config import ServerConfig
+    from loraplex.server.config import environment_config
 
-    engine, desc = launch_engine(ServerConfig(model=model, max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,
-                                              **config))
+    engine, desc = launch_engine(dataclasses.replace(environment_config(), model=model, max_batch_size=max_batch_size,
+                                                     kv_cache_mb=kv_cache_mb, **config))
     try:
         decode_tokens_per_s(engine, ["Hello there, how are you today?"], 0, 4)
         yield engine, desc
