@@ -10,8 +10,9 @@
 // A sequence's numbers must not depend on the rest of its batch (the batch-invariance tests' greedy answers
 // rely on it). Here that holds by construction: every (sequence, head) is computed alone from its own rows
 // with every sum in a fixed order, so neither the batch nor the threading nor the split of the work into
-// tasks (a sequence, or one kv head's query heads of it) can change a bit. torch's own kernel keeps each row's bits in a shared call on some machines and not on others
-// (decode_attention.py), which left those machines one attention call per sequence and layer.
+// tasks (a sequence, or one kv head's query heads of it) can change a bit. torch's own kernel keeps each
+// row's bits in a shared call on some machines and not on others (decode_attention.py), which left those
+// machines one attention call per sequence and layer.
 //
 // The hot loop is compiled for AVX-512, AVX2+FMA and plain x86-64 (GCC's target_clones, chosen once when
 // the library loads), so one build serves any x86 machine; a given machine always runs the same variant.

@@ -2,17 +2,18 @@
 
 A sequence's numbers must not depend on what else is in its step (the greedy answers of the batch-invariance
 tests rely on it). On a CPU with the native kernels (float32) one call per layer does the whole batch: it
-reads each sequence's K/V in place through its block table and computes every (sequence, kv head) alone in
-a fixed order, so batch invariance holds by construction (`adapters/csrc/decode_attention_cpu.cpp`; on a
+reads each sequence's K/V in place through its block table and computes every (sequence, head) alone in a
+fixed order, so batch invariance holds by construction (`adapters/csrc/decode_attention_cpu.cpp`; on a
 2-core AMD EPYC at batch 16, context 96: 115 us a layer for its 2.4 MB of K/V, against 690 us for the
 gather and one torch call per sequence below).
 
 Elsewhere (CUDA, no compiler, `--no-native-kernels`) K/V are gathered and torch's kernel runs. Sequences of
 different context lengths are never padded into one call (a masked call rounds differently from the row
-alone: measured, 29 of 32 rows differed in their last bits). Sequences of equal length can share one call where torch's CPU kernel gives each row the bits it gives the row alone.
-That held on a 2-core Intel Xeon with AMX (torch 2.13, every batch and length tried) but not on a 2-core AMD
-EPYC (42 of 42 outputs differed), so it is checked once per shape on the machine itself, and where it fails
-each sequence gets a call of its own. On the Intel machine sharing the call cut decode attention at batch
+alone: measured, 29 of 32 rows differed in their last bits). Sequences of equal length can share one call
+where torch's CPU kernel gives each row the bits it gives the row alone. That held on a 2-core Intel Xeon
+with AMX (torch 2.13, every batch and length tried) but not on a 2-core AMD EPYC (42 of 42 outputs
+differed), so it is checked once per shape on the machine itself, and where it fails each sequence gets a
+call of its own. On the Intel machine sharing the call cut decode attention at batch
 16 from 325 to 91 us a layer (context 100).
 """
 
@@ -41,7 +42,7 @@ def attend_decode(q, k_cache, v_cache, ctx) -> torch.Tensor:
 
 def _paged_kernel_fits(q, k_cache) -> bool:
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and q.shape[-1] in PAGED_DIMS
-            and q.shape[1] % k_cache.shape[1] == 0 and q.shape[1] // k_cache.shape[1] <= 64 and native.available())
+            and q.shape[1] % k_cache.shape[1] == 0 and native.available())
 
 
 def attend(q, keys, values, length: int) -> torch.Tensor:
