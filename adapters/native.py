@@ -1,5 +1,6 @@
 """The native CPU kernels, compiled once per machine and torch version, then loaded: the segmented LoRA ops
-(`csrc/lora_cpu.cpp`) and paged decode attention (`csrc/decode_attention_cpu.cpp`), one library.
+(`csrc/lora_cpu.cpp`, with `lora_token_cpu.cpp` for one-token segments), the slot copy
+(`csrc/slot_copy_cpu.cpp`) and paged decode attention (`csrc/decode_attention_cpu.cpp`), one library.
 
 `make install` builds them (`python -m loraplex.adapters.native`); at run time `available()` only loads the
 cached library (or builds it once if it is missing). `--no-native-kernels` (`LORAPLEX_NATIVE_KERNELS=0`)
@@ -20,7 +21,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_cpu.cpp", "decode_attention_cpu.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("lora_cpu.cpp", "lora_token_cpu.cpp", "slot_copy_cpu.cpp", "decode_attention_cpu.cpp")]
+HEADERS = [CSRC / "lora_token_cpu.h"]
 # -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
 # so shares the runtime torch already loaded (one thread pool, not two).
 CFLAGS = ["-O3", "-fopenmp"]
@@ -54,7 +57,7 @@ def available() -> bool:
 
 
 def build_dir() -> Path:
-    parts = [*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
+    parts = [*(source.read_bytes() for source in SOURCES + HEADERS), torch.__version__.encode(), platform.machine().encode(), " ".join(CFLAGS).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return Path(_settings()[1]) / "native" / key
 

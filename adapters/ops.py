@@ -12,9 +12,11 @@ Four implementations, picked per call by `_pick` (callers never pick):
             `lora_apply` does a whole packed module (q|k|v: shrink and expand of each target) in one
             launch of `triton_ops.fused` for decode-sized steps; the CUDA LoRA layers (fused_layer.py) use it.
 - "native": the segment loop in C++ (`csrc/lora_cpu.cpp`, built by `native.py`): one call per op for all
-            segments, each segment through the same BLAS call as torch's matmul, so results are bit for bit
-            the loop's. Taken for float32 on the CPU whenever it is built; the only one that reads slots
-            kept in 16 bits (`stored`, see slots.py), widening them inside the call.
+            segments. A multi-token segment goes through the same BLAS call as torch's matmul (bit for bit
+            the loop's); a one-token segment (decode) through a product with one vector summed in a fixed
+            order (`csrc/lora_token_cpu.cpp`: the bits depend on that token's row alone, not the BLAS's).
+            Taken for float32 on the CPU whenever it is built; the only one that reads slots kept in 16 bits
+            (`stored`, see slots.py), widening them inside the call.
 - "loop":   one matmul per segment with that slot's own rank; no padding at all.
 - "gather": gather per-token A/B (padded only to the largest rank among the slots present in the step,
             masked to each token's rank), then one batched matmul. Wins when there are many tiny segments.

@@ -1,5 +1,5 @@
 """Adapters saved in bfloat16 or float16 stay in that dtype in host memory and in the CPU slots, and are
-widened only inside the LoRA op (csrc/lora_cpu.cpp). The oracles: the same factors widened to float32 first
+widened only inside the LoRA op (csrc/lora_cpu.cpp, csrc/lora_token_cpu.cpp). The oracles: the same factors widened to float32 first
 (what PEFT does on load, `autocast_adapter_dtype`), which must give the same bits, and PEFT itself on the
 whole server."""
 
@@ -78,7 +78,10 @@ def test_16bit_slots_give_the_bits_of_the_widened_float32_slots(dtype, lens):
             x, base = torch.randn(sum(lens), i, generator=g), torch.randn(sum(lens), o, generator=g)
             out = run_ops(kept, layer, target, x, base, segments)
             assert torch.equal(out, run_ops(wide, layer, target, x, base, segments))
-            assert torch.equal(out, run_ops(wide, layer, target, x, base, segments, impl="loop"))  # torch's matmul
+            loop = run_ops(wide, layer, target, x, base, segments, impl="loop")   # torch's matmul
+            rows = [t for s, e in zip(segments.starts, segments.ends) if e - s > 1 for t in range(s, e)]
+            assert torch.equal(out[rows], loop[rows])      # multi-token segments make torch's BLAS call
+            torch.testing.assert_close(out, loop, atol=1e-5, rtol=1e-5)   # one-token ones sum in their own order
             assert not torch.equal(out, base)
 
 

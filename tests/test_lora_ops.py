@@ -114,22 +114,48 @@ def _check_shrink(x, y, a_list, token_slots, atol, rtol):
         assert torch.isnan(y[t, r:]).all()
 
 
-@pytest.mark.parametrize("layout", ["prefill", "decode"])
+def run_native(segments, x, base, a_stack, b_stack):
+    y, out = torch.full((segments.num_tokens, MAX_RANK), float("nan")), base.clone()
+    ops.shrink_native(x, a_stack, segments, torch.tensor(SLOT_RANKS), y)
+    ops.expand_native(y, b_stack, segments, torch.tensor(SLOT_RANKS), out)
+    return y, out
+
+
 @pytest.mark.parametrize("kind", POPULARITY)
 @pytest.mark.parametrize("hidden", [64, 576])
-def test_native_is_bit_for_bit_the_segment_loop(hidden, kind, layout):
-    """The native loop calls the BLAS routine torch's matmul calls, with the same arguments: equal bits, which
-    is what keeps mixed batches equal to single-adapter PEFT token for token."""
-    segments, x, base, (a_stack, b_stack, _, _) = make_batch(kind, layout, hidden, torch.float32, seed=hidden + 1)
-    results = []
-    for shrink, expand in (IMPLS["loop"], IMPLS["native"]):
-        ranks = SLOT_RANKS if shrink is ops.shrink_loop else torch.tensor(SLOT_RANKS)
-        y, out = torch.full((segments.num_tokens, MAX_RANK), float("nan")), base.clone()
-        shrink(x, a_stack, segments, ranks, y)
-        expand(y, b_stack, segments, ranks, out)
-        results.append((y, out))
-    (y_loop, out_loop), (y_native, out_native) = results
-    assert torch.equal(y_loop.nan_to_num(7.0), y_native.nan_to_num(7.0)) and torch.equal(out_loop, out_native)
+def test_native_multi_token_segments_are_bit_for_bit_the_segment_loop(hidden, kind):
+    """A segment of several tokens goes through the BLAS routine torch's matmul calls, with the same
+    arguments: the bits of the segment loop."""
+    segments, x, base, (a_stack, b_stack, _, _) = make_batch(kind, "prefill", hidden, torch.float32, seed=hidden + 1)
+    y_loop, out_loop = torch.full((segments.num_tokens, MAX_RANK), float("nan")), base.clone()
+    ops.expand_loop(ops.shrink_loop(x, a_stack, segments, SLOT_RANKS, y_loop), b_stack, segments, SLOT_RANKS, out_loop)
+    y, out = run_native(segments, x, base, a_stack, b_stack)
+    rows = [t for s, e in zip(segments.starts, segments.ends) if e - s > 1 for t in range(s, e)]
+    assert len(rows) > segments.num_tokens // 2
+    assert torch.equal(y[rows].nan_to_num(7.0), y_loop[rows].nan_to_num(7.0)) and torch.equal(out[rows], out_loop[rows])
+
+
+@pytest.mark.parametrize("kind", POPULARITY)
+@pytest.mark.parametrize("hidden", [64, 72, 576])    # 72: rows and columns past the last whole 16 lanes
+def test_native_one_token_rows_do_not_depend_on_the_batch(hidden, kind):
+    """A one-token segment (decode) sums in a fixed order of its own: each token's bits are the ones it gets
+    alone, and at one thread, whatever shares its call; and they are the product within float32 rounding."""
+    segments, x, base, (a_stack, b_stack, a_list, b_list) = make_batch(kind, "decode", hidden, torch.float32, seed=hidden)
+    y, out = run_native(segments, x, base, a_stack, b_stack)
+    token_slots = segments.token_slots.tolist()
+    expected = base + ops.reference_lora(x, a_list, b_list, token_slots)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    _check_shrink(x, y, a_list, token_slots, 1e-5, 1e-5)
+    for t, slot in enumerate(token_slots):
+        alone = compute_segments([slot], [1])
+        y_t, out_t = run_native(alone, x[t:t + 1], base[t:t + 1], a_stack, b_stack)
+        assert torch.equal(out_t[0], out[t]) and torch.equal(y_t[0].nan_to_num(7.0), y[t].nan_to_num(7.0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(run_native(segments, x, base, a_stack, b_stack)[1], out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
