@@ -76,10 +76,7 @@ class LoraLinear(nn.Module):
 
     def add_delta(self, x: torch.Tensor, segments: Segments, out: torch.Tensor) -> None:
         """out[:, slice of t] += x @ A_t.T @ B_t.T per token's slot, for every target t (in place)."""
-        shrunk = x.new_zeros(x.shape[0], self.step.buffers.max_rank)  # [num_tokens, max_rank]; base rows stay 0
-        for (a, b, ranks, offset, size), (stored, b_scale) in zip(self.slices, self.storage):
-            ops.lora_shrink(x, a, segments, ranks, shrunk, stored)      # buffers are in the compute dtype
-            ops.lora_expand(shrunk, b, segments, ranks, out, (offset, size), stored, b_scale)
+        ops.lora_apply(x, self.slices, segments, out, storage=self.storage)   # buffers are in the compute dtype
 
 
 def attach_lora(model: nn.Module, step: LoraStep) -> None:

@@ -147,23 +147,33 @@ def lora_expand(y: torch.Tensor, b_stack: torch.Tensor, segments: Segments, rank
 FUSED_MAX_TOKENS = 256
 
 
-def lora_apply(x: torch.Tensor, targets: list, segments: Segments, out: torch.Tensor, fused=None) -> torch.Tensor:
+def lora_apply(x: torch.Tensor, targets: list, segments: Segments, out: torch.Tensor, fused=None,
+               storage: list | None = None) -> torch.Tensor:
     """Semantics: for each (a_stack, b_stack, ranks, offset, n) in targets, lora_shrink then lora_expand into
     out[:, offset:offset + n]; all targets read the same x (the slices of one packed module, q|k|v).
 
     fused: `triton_ops.fused_args(targets)`, computed once per layer; when given, x is on CUDA and the step
     is short, one launch does every target's shrink and expand (the shrink rounded to x's dtype in between,
-    as `out` of lora_shrink is). Otherwise two ops per target with a shrink buffer in x's dtype.
+    as `out` of lora_shrink is). On the CPU with the native kernels, one call does every target (the same
+    arithmetic as the two ops per target, one parallel region). Otherwise two ops per target with a shrink
+    buffer in x's dtype. storage: (stored, b_scale) per target (SlotBuffers), or None for float32 slots.
     """
     if not len(segments):
         return out
     if fused is not None and x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS:
         _triton().fused(x, fused, segments.token_slots, out)
         return out
+    if _pick(segments, targets[0][2], x, x.shape[1]) == "native":
+        stored, scales = ([s for s, _ in storage], [b for _, b in storage]) if storage else ([], [])
+        torch.ops.loraplex.lora_apply(x, [t[0] for t in targets], [t[1] for t in targets],
+                                      [_as_tensor(t[2]) for t in targets], [t[3] for t in targets], segments.table,
+                                      out, stored, scales)
+        return out
+    storage = storage or [(None, None)] * len(targets)
     shrunk = x.new_zeros(x.shape[0], max(a.shape[1] for a, *_ in targets))   # [num_tokens, max_rank]
-    for a, b, ranks, offset, size in targets:
-        lora_shrink(x, a, segments, ranks, shrunk[:, :a.shape[1]])
-        lora_expand(shrunk[:, :a.shape[1]], b, segments, ranks, out, out_slice=(offset, size))
+    for (a, b, ranks, offset, size), (stored, b_scale) in zip(targets, storage):
+        lora_shrink(x, a, segments, ranks, shrunk[:, :a.shape[1]], stored)
+        lora_expand(shrunk[:, :a.shape[1]], b, segments, ranks, out, (offset, size), stored, b_scale)
     return out
 
 

@@ -81,12 +81,14 @@ def test_fused_args_refuse_what_one_launch_cannot_hold():
     assert triton_ops.fused_args([targets[0], (a[:, :8], b, ranks, offset, n)]) is None   # other A layout
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_lora_apply_without_fusion_is_shrink_then_expand_per_target(dtype):
+def test_lora_apply_without_fusion_is_shrink_then_expand_per_target(dtype, layout):
+    """Off CUDA: the native one-call path (float32 CPU) or the two ops per target, bit for bit the ops."""
     gen = torch.Generator().manual_seed(3)
     targets, width = module(3, dtype, gen)
     targets = [(torch.nan_to_num(a), torch.nan_to_num(b), r, o, n) for a, b, r, o, n in targets]
-    segments = compute_segments(*LAYOUTS["prefill"])
+    segments = compute_segments(*LAYOUTS[layout])
     x = torch.randn(segments.num_tokens, IN, generator=gen).to(dtype)
     out = torch.randn(segments.num_tokens, width, generator=gen).to(dtype)
     want = out.clone()

@@ -36,6 +36,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -142,65 +143,130 @@ void check_tensors(const at::Tensor& x, const at::Tensor& stack, const at::Tenso
   TORCH_CHECK(x.size(0) == out.size(0), "x and out must have one row per token");
 }
 
-void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& segments,
-                 const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored) {
-  check_tensors(x, a_stack, out);
-  const int64_t max_rank = a_stack.size(1), in = a_stack.size(2);
-  TORCH_CHECK(x.size(1) == in && out.size(1) >= max_rank, "lora_shrink: shape mismatch");
-  const SegmentTable seg = table_of(segments, ranks, a_stack.size(0));
-  const int64_t* rank = ranks.data_ptr<int64_t>();
-  const int64_t* kind = stored_of(stored, a_stack.size(0));
-  const float* xp = x.data_ptr<float>();
-  const float* ap = a_stack.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  for_each_segment(seg, [&](int64_t i) {
+// One target's shrink, validated: segment(i) writes y's rows of segment i (columns :r).
+struct Shrink {
+  const float* x;
+  const float* a;
+  const int64_t* rank;
+  const int64_t* kind;
+  float* y;
+  int64_t ldx, ldy, max_rank, in;
+  SegmentTable seg;
+
+  Shrink(const at::Tensor& x_, const at::Tensor& a_stack, const at::Tensor& segments, const at::Tensor& ranks,
+         const at::Tensor& out, const std::optional<at::Tensor>& stored) {
+    check_tensors(x_, a_stack, out);
+    max_rank = a_stack.size(1), in = a_stack.size(2);
+    TORCH_CHECK(x_.size(1) == in && out.size(1) >= max_rank, "lora_shrink: shape mismatch");
+    seg = table_of(segments, ranks, a_stack.size(0));
+    rank = ranks.data_ptr<int64_t>();
+    kind = stored_of(stored, a_stack.size(0));
+    x = x_.data_ptr<float>(), a = a_stack.data_ptr<float>(), y = out.data_ptr<float>();
+    ldx = x_.stride(0), ldy = out.stride(0);
+  }
+
+  void segment(int64_t i) const {
     const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
     if (r == 0) return;
-    const float* a = ap + s * max_rank * in;
-    const Stored as = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
-    if (len == 1) return loraplex::shrink_token(xp + start * ldx, a, as, in, r, op + start * ldo);
-    if (as != kFloat32) a = widened(a, as, r, in, 1.f, in);
-    linear_rows(xp + start * ldx, ldx, a, in, op + start * ldo, ldo, len, r, in);
-  });
+    const float* as = a + s * max_rank * in;
+    const Stored stored = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
+    if (len == 1) return loraplex::shrink_token(x + start * ldx, as, stored, in, r, y + start * ldy);
+    if (stored != kFloat32) as = widened(as, stored, r, in, 1.f, in);
+    linear_rows(x + start * ldx, ldx, as, in, y + start * ldy, ldy, len, r, in);
+  }
+};
+
+// One target's expand, validated: segment(i) adds segment i's delta into its rows of out.
+struct Expand {
+  const float* y;
+  const float* b;
+  const int64_t* rank;
+  const int64_t* kind;
+  const float* scale;
+  float* out;
+  int64_t ldy, ldo, n, max_rank;
+  SegmentTable seg;
+
+  Expand(const at::Tensor& y_, const at::Tensor& b_stack, const at::Tensor& segments, const at::Tensor& ranks,
+         const at::Tensor& out_, const std::optional<at::Tensor>& stored, const std::optional<at::Tensor>& b_scale) {
+    check_tensors(y_, b_stack, out_);
+    n = b_stack.size(1), max_rank = b_stack.size(2);
+    TORCH_CHECK(y_.size(1) >= max_rank && out_.size(1) == n, "lora_expand: shape mismatch");
+    seg = table_of(segments, ranks, b_stack.size(0));
+    rank = ranks.data_ptr<int64_t>();
+    kind = stored_of(stored, b_stack.size(0));
+    TORCH_CHECK(kind == nullptr || (b_scale.has_value() && b_scale->scalar_type() == at::kFloat &&
+                                    b_scale->is_contiguous() && b_scale->numel() == b_stack.size(0)),
+                "16-bit slots need b_scale float32 [num_slots]");
+    scale = kind == nullptr ? nullptr : b_scale->data_ptr<float>();
+    y = y_.data_ptr<float>(), b = b_stack.data_ptr<float>(), out = out_.data_ptr<float>();
+    ldy = y_.stride(0), ldo = out_.stride(0);
+  }
+
+  void segment(int64_t i) const {
+    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
+    if (r == 0) return;
+    const float* bs = b + s * n * max_rank;
+    const Stored stored = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
+    if (len == 1) {
+      const bool packed = stored != kFloat32;     // 16-bit factors sit packed as [n, r], scale beside them
+      return loraplex::expand_token(y + start * ldy, bs, stored, packed ? r : max_rank, n, r,
+                                    packed ? scale[s] : 1.f, out + start * ldo);
+    }
+    // [len, n]: the product first, then one add, as torch's `out += y @ b.T` rounds
+    thread_local std::vector<float> delta;
+    delta.resize(len * n);
+    if (stored != kFloat32) bs = widened(bs, stored, n, r, scale[s], max_rank);
+    linear_rows(y + start * ldy, ldy, bs, max_rank, delta.data(), n, len, n, r);
+    for (int64_t t = 0; t < len; ++t) {
+      float* dst = out + (start + t) * ldo;
+      const float* src = delta.data() + t * n;
+      for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+    }
+  }
+};
+
+void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& segments,
+                 const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored) {
+  const Shrink shrink(x, a_stack, segments, ranks, out, stored);
+  for_each_segment(shrink.seg, [&](int64_t i) { shrink.segment(i); });
 }
 
 void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tensor& segments,
                  const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored,
                  const std::optional<at::Tensor>& b_scale) {
-  check_tensors(y, b_stack, out);
-  const int64_t n = b_stack.size(1), max_rank = b_stack.size(2);
-  TORCH_CHECK(y.size(1) >= max_rank && out.size(1) == n, "lora_expand: shape mismatch");
-  const SegmentTable seg = table_of(segments, ranks, b_stack.size(0));
-  const int64_t* rank = ranks.data_ptr<int64_t>();
-  const int64_t* kind = stored_of(stored, b_stack.size(0));
-  TORCH_CHECK(kind == nullptr || (b_scale.has_value() && b_scale->scalar_type() == at::kFloat &&
-                                  b_scale->is_contiguous() && b_scale->numel() == b_stack.size(0)),
-              "16-bit slots need b_scale float32 [num_slots]");
-  const float* scale = kind == nullptr ? nullptr : b_scale->data_ptr<float>();
-  const float* yp = y.data_ptr<float>();
-  const float* bp = b_stack.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ldy = y.stride(0), ldo = out.stride(0);
-  for_each_segment(seg, [&](int64_t i) {
-    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
-    if (r == 0) return;
-    const float* b = bp + s * n * max_rank;
-    const Stored bs = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
-    if (len == 1) {
-      const bool packed = bs != kFloat32;     // 16-bit factors sit packed as [n, r], scale beside them
-      return loraplex::expand_token(yp + start * ldy, b, bs, packed ? r : max_rank, n, r, packed ? scale[s] : 1.f,
-                                    op + start * ldo);
-    }
-    // [len, n]: the product first, then one add, as torch's `out += y @ b.T` rounds
-    thread_local std::vector<float> delta;
-    delta.resize(len * n);
-    if (bs != kFloat32) b = widened(b, bs, n, r, scale[s], max_rank);
-    linear_rows(yp + start * ldy, ldy, b, max_rank, delta.data(), n, len, n, r);
-    for (int64_t t = 0; t < len; ++t) {
-      float* dst = op + (start + t) * ldo;
-      const float* src = delta.data() + t * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+  const Expand expand(y, b_stack, segments, ranks, out, stored, b_scale);
+  for_each_segment(expand.seg, [&](int64_t i) { expand.segment(i); });
+}
+
+// Every target of one packed module in one call: target t's shrink then expand into out's columns
+// [offsets[t], offsets[t] + n_t), all reading x; the same work, in the same arithmetic, as a lora_shrink and
+// a lora_expand per target, with one parallel region for all of them. stored and b_scale: one per target,
+// or none (all float32).
+void lora_apply(const at::Tensor& x, const std::vector<at::Tensor>& a_stacks, const std::vector<at::Tensor>& b_stacks,
+                const std::vector<at::Tensor>& ranks, const std::vector<int64_t>& offsets, const at::Tensor& segments,
+                at::Tensor out, const std::vector<at::Tensor>& stored, const std::vector<at::Tensor>& b_scale) {
+  const size_t targets = a_stacks.size();
+  TORCH_CHECK(b_stacks.size() == targets && ranks.size() == targets && offsets.size() == targets &&
+                  (stored.empty() || stored.size() == targets) && stored.size() == b_scale.size(),
+              "lora_apply: one stack, rank table and offset per target");
+  int64_t max_rank = 0;
+  for (const at::Tensor& a : a_stacks) max_rank = std::max(max_rank, a.size(1));
+  const at::Tensor shrunk = at::zeros({x.size(0), max_rank}, x.options());   // base rows stay 0
+  std::vector<Shrink> shrinks;
+  std::vector<Expand> expands;
+  for (size_t t = 0; t < targets; ++t) {
+    const std::optional<at::Tensor> kind = stored.empty() ? std::nullopt : std::optional(stored[t]);
+    const std::optional<at::Tensor> scale = b_scale.empty() ? std::nullopt : std::optional(b_scale[t]);
+    const int64_t n = b_stacks[t].size(1);
+    TORCH_CHECK(offsets[t] >= 0 && offsets[t] + n <= out.size(1), "lora_apply: a target outside out");
+    shrinks.emplace_back(x, a_stacks[t], segments, ranks[t], shrunk, kind);
+    expands.emplace_back(shrunk, b_stacks[t], segments, ranks[t], out.narrow(1, offsets[t], n), kind, scale);
+  }
+  for_each_segment(shrinks.at(0).seg, [&](int64_t i) {
+    for (size_t t = 0; t < targets; ++t) {
+      shrinks[t].segment(i);
+      expands[t].segment(i);
     }
   });
 }
@@ -212,9 +278,12 @@ TORCH_LIBRARY(loraplex, m) {
         "Tensor? stored=None) -> ()");
   m.def("lora_expand(Tensor y, Tensor b_stack, Tensor segments, Tensor ranks, Tensor(a!) out, "
         "Tensor? stored=None, Tensor? b_scale=None) -> ()");
+  m.def("lora_apply(Tensor x, Tensor[] a_stacks, Tensor[] b_stacks, Tensor[] ranks, int[] offsets, Tensor segments, "
+        "Tensor(a!) out, Tensor[] stored, Tensor[] b_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_expand", &lora_expand);
+  m.impl("lora_apply", &lora_apply);
 }
