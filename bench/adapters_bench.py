@@ -23,13 +23,14 @@ import torch
 
 from loraplex.server.config import ServerConfig
 from loraplex.server.engine.request import GenerationRequest, StoppingParams
+from loraplex.server.metrics import Metrics
 from loraplex.server.model.layout import TARGETS
 
 from . import hf, machine
 from .engine_bench import isolated, measure
 from .adapter_files import make_peft_adapters, make_synthetic_adapters, saved_in_16bit, zipf_choice
 from .adapters_plot import plot
-from .bandwidth import bandwidth_floor
+from .bandwidth import adapter_size, bandwidth_floor, read_bandwidth, trace_ceiling
 from .ours import Recorder
 from .workload import decode_prompts, last_tokens, poisson_stream, summarize
 
@@ -270,8 +271,11 @@ def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
         for label in runs:             # a fresh engine each, so "many" starts with cold host cache and slots
             with engine_running(root, s.online_slots, s.rank, s) as engine:
                 ours_decode(engine, ["Hello there, how are you today?"], [many[-1]], 0, 4)   # warm-up
+                metrics = Metrics()
+                engine.observe(metrics)
                 res, foreign = measure(lambda: ours_online(engine, stream, traces[label]), s)
             res["foreign_cpu"] = foreign
+            res["adapter_reads"], res["steps"] = adapter_reads(metrics)
             runs[label].append(res)
             log.info("online %-4s: %.1f tok/s, TTFT p50 %.3f p99 %.3f s, ITL p50 %.3f p99 %.3f s", label,
                      res["throughput_tok_s"], res["ttft_p50_s"], res["ttft_p99_s"], res["itl_p50_s"],
@@ -279,12 +283,26 @@ def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
     # each half's best round (as for decode: noise only ever slows a round), every round's throughput beside it
     out = {label: {**max(rs, key=lambda r: r["throughput_tok_s"]),
                    "throughput_rounds_tok_s": [r["throughput_tok_s"] for r in rs]} for label, rs in runs.items()}
+    device, dtype = device_and_dtype(s)
+    bandwidth = read_bandwidth(device)
+    ceiling = trace_ceiling(out["many"], out["one"], adapter_size(s.rank, dtype), bandwidth)
+    log.info("online: many/one %.3f against a ceiling of %.3f (%.2f against %.2f adapters read a step)",
+             out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"], ceiling,
+             out["many"]["adapter_reads"] / out["many"]["steps"], out["one"]["adapter_reads"] / out["one"]["steps"])
     counts = sorted(((picks.count(n), n) for n in set(picks)), reverse=True)
     return {"registered_adapters": len(many), "distinct_adapters_used": len(counts),
             "top_adapter_requests": counts[0][0], "requests": len(stream), "rate_per_s": s.rate,
             "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
-            "slots": s.online_slots, **out,
+            "slots": s.online_slots, **out, "read_bandwidth_gb_s": bandwidth / 1e9, "ceiling_ratio_many_vs_one": ceiling,
             "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
+
+
+def adapter_reads(metrics) -> tuple[float, float]:
+    """(the sum over the steps counted in `metrics` of the distinct adapters in each, the steps)."""
+    value = metrics.registry.get_sample_value
+    phases = [{"phase": p} for p in ("prefill", "decode")]
+    return (sum(value("loraplex_step_adapters_sum", p) or 0.0 for p in phases),
+            sum(value("loraplex_step_adapters_count", p) or 0.0 for p in phases))
 
 
 def main(argv=None) -> int:
@@ -322,7 +340,8 @@ def main(argv=None) -> int:
         o = result["online"]
         print(json.dumps({k: {m: o[k][m] for m in ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s",
                                                   "itl_p99_s")} for k in ("many", "one")}, indent=1))
-        print("online throughput ratio many/one:", round(o["throughput_ratio_many_vs_one"], 3))
+        print("online throughput ratio many/one:", round(o["throughput_ratio_many_vs_one"], 3),
+              "against a ceiling of", round(o["ceiling_ratio_many_vs_one"], 3))
     if "background" in result:
         print(json.dumps({k: v for k, v in result["background"].items()}, indent=1))
     print("wrote", out / f"{args.name}.json", out / f"{args.name}.png")

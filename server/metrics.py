@@ -90,6 +90,9 @@ class Metrics(NullMetrics):
                                registry=r)
         self.batch = Histogram(p + "batch_size", "Sequences per model step, by phase", ["phase"],
                                buckets=BATCH_BUCKETS, registry=r)
+        self.step_adapters = Histogram(p + "step_adapters", "Distinct adapters per model step (each one's factors "
+                                       "are read that step), by phase", ["phase"], buckets=(0,) + BATCH_BUCKETS,
+                                       registry=r)
         self.loads = Counter(p + "adapter_loads", "Adapter reads from disk into host memory, by result: ok, "
                              "invalid (files refused), error", ["result"], registry=r)
         for result in LOAD_RESULTS:
@@ -123,7 +126,9 @@ class Metrics(NullMetrics):
 
     # ---- reported by the engine -----------------------------------------------------------------
     def step(self, prefill: bool, seqs) -> None:
-        self.batch.labels("prefill" if prefill else "decode").observe(len(seqs))
+        phase = "prefill" if prefill else "decode"
+        self.batch.labels(phase).observe(len(seqs))
+        self.step_adapters.labels(phase).observe(len({seq.slot for seq in seqs if seq.slot >= 0}))
         if not prefill:
             return
         now = time.monotonic()

@@ -171,6 +171,12 @@ def test_adapter_metrics(scraped):
     assert prometheus.scalar("loraplex_adapter_load_duration_seconds_count{stage=\"read\"}") == 2
     assert prometheus.scalar("loraplex_adapter_load_duration_seconds_count{stage=\"copy\"}") == 2
     assert sum(prometheus.query("loraplex_adapter_evictions_total").values()) == 0
+    # one adapter request at a time beside base-only ones: every step counted, none with two adapters
+    for phase in ("prefill", "decode"):
+        steps = prometheus.scalar(f'loraplex_batch_size_count{{phase="{phase}"}}')
+        assert prometheus.scalar(f'loraplex_step_adapters_count{{phase="{phase}"}}') == steps
+        assert 0 < prometheus.scalar(f'loraplex_step_adapters_sum{{phase="{phase}"}}') <= steps
+    assert prometheus.scalar('loraplex_step_adapters_bucket{phase="decode",le="1.0"}') == steps
 
 
 def test_merge_metrics(scraped):
