@@ -30,7 +30,7 @@ from . import hf, machine
 from .engine_bench import isolated, measure
 from .adapter_files import make_peft_adapters, make_synthetic_adapters, saved_in_16bit, zipf_choice
 from .adapters_plot import plot
-from .bandwidth import adapter_size, bandwidth_floor, read_bandwidth, trace_ceiling
+from .bandwidth import adapter_reads, adapter_size, bandwidth_floor, read_bandwidth, trace_ceiling
 from .ours import Recorder
 from .workload import decode_prompts, last_tokens, poisson_stream, summarize
 
@@ -295,14 +295,6 @@ def run_online(s: Settings, root: pathlib.Path, many: list[str]) -> dict:
             "output_lens": [r.output_len for r in stream], "last_arrival_s": stream[-1].arrival,
             "slots": s.online_slots, **out, "read_bandwidth_gb_s": bandwidth / 1e9, "ceiling_ratio_many_vs_one": ceiling,
             "throughput_ratio_many_vs_one": out["many"]["throughput_tok_s"] / out["one"]["throughput_tok_s"]}
-
-
-def adapter_reads(metrics) -> tuple[float, float]:
-    """(the sum over the steps counted in `metrics` of the distinct adapters in each, the steps)."""
-    value = metrics.registry.get_sample_value
-    phases = [{"phase": p} for p in ("prefill", "decode")]
-    return (sum(value("loraplex_step_adapters_sum", p) or 0.0 for p in phases),
-            sum(value("loraplex_step_adapters_count", p) or 0.0 for p in phases))
 
 
 def main(argv=None) -> int:

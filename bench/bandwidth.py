@@ -1,4 +1,5 @@
-"""The best mixed-adapter / base-only ratio a machine allows, from its measured read bandwidth."""
+"""The ceilings a machine allows the mixed-adapter benchmark, from its measured read bandwidth: the mixed/base-only
+decode ratio and the many/one-adapter ratio of an online trace."""
 
 import time
 
@@ -51,6 +52,14 @@ def trace_ceiling(many: dict, one: dict, adapter_bytes: int, bandwidth: float) -
     over their steps of the distinct adapters in each)."""
     extra = max(0.0, many["adapter_reads"] - one["adapter_reads"]) * adapter_bytes / bandwidth
     return one["makespan_s"] / (one["makespan_s"] + extra)
+
+
+def adapter_reads(metrics) -> tuple[float, float]:
+    """(the sum over the steps counted in `metrics` of the distinct adapters in each, the steps)."""
+    value = metrics.registry.get_sample_value
+    phases = [{"phase": p} for p in ("prefill", "decode")]
+    return (sum(value("loraplex_step_adapters_sum", p) or 0.0 for p in phases),
+            sum(value("loraplex_step_adapters_count", p) or 0.0 for p in phases))
 
 
 def _read_rate(device: torch.device) -> float:

@@ -143,83 +143,97 @@ void check_tensors(const at::Tensor& x, const at::Tensor& stack, const at::Tenso
   TORCH_CHECK(x.size(0) == out.size(0), "x and out must have one row per token");
 }
 
-// One target's shrink, validated: segment(i) writes y's rows of segment i (columns :r).
-struct Shrink {
-  const float* x;
-  const float* a;
+// One segment as an op reads it: its tokens [start, start + len), its slot, that slot's rank and storage.
+struct Segment {
+  int64_t start, len, slot, rank;
+  Stored stored;
+};
+
+// The segments of a step with one target's per-slot ranks and storage, validated.
+struct SlotSegments {
+  SegmentTable seg;
   const int64_t* rank;
   const int64_t* kind;
+
+  SlotSegments(const at::Tensor& segments, const at::Tensor& ranks, const std::optional<at::Tensor>& stored,
+               int64_t num_slots)
+      : seg(table_of(segments, ranks, num_slots)), rank(ranks.data_ptr<int64_t>()),
+        kind(stored_of(stored, num_slots)) {}
+
+  Segment at(int64_t i) const {
+    const int64_t s = seg.slots[i];
+    return {seg.starts[i], seg.ends[i] - seg.starts[i], s, rank[s],
+            kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s])};
+  }
+};
+
+// One target's shrink, validated: segment(i) writes y's rows of segment i (columns :r).
+struct Shrink {
+  SlotSegments segs;
+  const float* x;
+  const float* a;
   float* y;
   int64_t ldx, ldy, max_rank, in;
-  SegmentTable seg;
 
   Shrink(const at::Tensor& x_, const at::Tensor& a_stack, const at::Tensor& segments, const at::Tensor& ranks,
-         const at::Tensor& out, const std::optional<at::Tensor>& stored) {
+         const at::Tensor& out, const std::optional<at::Tensor>& stored)
+      : segs(segments, ranks, stored, a_stack.size(0)) {
     check_tensors(x_, a_stack, out);
     max_rank = a_stack.size(1), in = a_stack.size(2);
     TORCH_CHECK(x_.size(1) == in && out.size(1) >= max_rank, "lora_shrink: shape mismatch");
-    seg = table_of(segments, ranks, a_stack.size(0));
-    rank = ranks.data_ptr<int64_t>();
-    kind = stored_of(stored, a_stack.size(0));
     x = x_.data_ptr<float>(), a = a_stack.data_ptr<float>(), y = out.data_ptr<float>();
     ldx = x_.stride(0), ldy = out.stride(0);
   }
 
   void segment(int64_t i) const {
-    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
-    if (r == 0) return;
-    const float* as = a + s * max_rank * in;
-    const Stored stored = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
-    if (len == 1) return loraplex::shrink_token(x + start * ldx, as, stored, in, r, y + start * ldy);
-    if (stored != kFloat32) as = widened(as, stored, r, in, 1.f, in);
-    linear_rows(x + start * ldx, ldx, as, in, y + start * ldy, ldy, len, r, in);
+    const Segment g = segs.at(i);
+    if (g.rank == 0) return;
+    const float* as = a + g.slot * max_rank * in;
+    if (g.len == 1) return loraplex::shrink_token(x + g.start * ldx, as, g.stored, in, g.rank, y + g.start * ldy);
+    if (g.stored != kFloat32) as = widened(as, g.stored, g.rank, in, 1.f, in);
+    linear_rows(x + g.start * ldx, ldx, as, in, y + g.start * ldy, ldy, g.len, g.rank, in);
   }
 };
 
 // One target's expand, validated: segment(i) adds segment i's delta into its rows of out.
 struct Expand {
+  SlotSegments segs;
   const float* y;
   const float* b;
-  const int64_t* rank;
-  const int64_t* kind;
   const float* scale;
   float* out;
   int64_t ldy, ldo, n, max_rank;
-  SegmentTable seg;
 
   Expand(const at::Tensor& y_, const at::Tensor& b_stack, const at::Tensor& segments, const at::Tensor& ranks,
-         const at::Tensor& out_, const std::optional<at::Tensor>& stored, const std::optional<at::Tensor>& b_scale) {
+         const at::Tensor& out_, const std::optional<at::Tensor>& stored, const std::optional<at::Tensor>& b_scale)
+      : segs(segments, ranks, stored, b_stack.size(0)) {
     check_tensors(y_, b_stack, out_);
     n = b_stack.size(1), max_rank = b_stack.size(2);
     TORCH_CHECK(y_.size(1) >= max_rank && out_.size(1) == n, "lora_expand: shape mismatch");
-    seg = table_of(segments, ranks, b_stack.size(0));
-    rank = ranks.data_ptr<int64_t>();
-    kind = stored_of(stored, b_stack.size(0));
-    TORCH_CHECK(kind == nullptr || (b_scale.has_value() && b_scale->scalar_type() == at::kFloat &&
-                                    b_scale->is_contiguous() && b_scale->numel() == b_stack.size(0)),
+    TORCH_CHECK(segs.kind == nullptr || (b_scale.has_value() && b_scale->scalar_type() == at::kFloat &&
+                                         b_scale->is_contiguous() && b_scale->numel() == b_stack.size(0)),
                 "16-bit slots need b_scale float32 [num_slots]");
-    scale = kind == nullptr ? nullptr : b_scale->data_ptr<float>();
+    scale = segs.kind == nullptr ? nullptr : b_scale->data_ptr<float>();
     y = y_.data_ptr<float>(), b = b_stack.data_ptr<float>(), out = out_.data_ptr<float>();
     ldy = y_.stride(0), ldo = out_.stride(0);
   }
 
   void segment(int64_t i) const {
-    const int64_t start = seg.starts[i], len = seg.ends[i] - start, s = seg.slots[i], r = rank[s];
-    if (r == 0) return;
-    const float* bs = b + s * n * max_rank;
-    const Stored stored = kind == nullptr ? kFloat32 : static_cast<Stored>(kind[s]);
-    if (len == 1) {
-      const bool packed = stored != kFloat32;     // 16-bit factors sit packed as [n, r], scale beside them
-      return loraplex::expand_token(y + start * ldy, bs, stored, packed ? r : max_rank, n, r,
-                                    packed ? scale[s] : 1.f, out + start * ldo);
+    const Segment g = segs.at(i);
+    if (g.rank == 0) return;
+    const float* bs = b + g.slot * n * max_rank;
+    if (g.len == 1) {
+      const bool packed = g.stored != kFloat32;     // 16-bit factors sit packed as [n, r], scale beside them
+      return loraplex::expand_token(y + g.start * ldy, bs, g.stored, packed ? g.rank : max_rank, n, g.rank,
+                                    packed ? scale[g.slot] : 1.f, out + g.start * ldo);
     }
     // [len, n]: the product first, then one add, as torch's `out += y @ b.T` rounds
     thread_local std::vector<float> delta;
-    delta.resize(len * n);
-    if (stored != kFloat32) bs = widened(bs, stored, n, r, scale[s], max_rank);
-    linear_rows(y + start * ldy, ldy, bs, max_rank, delta.data(), n, len, n, r);
-    for (int64_t t = 0; t < len; ++t) {
-      float* dst = out + (start + t) * ldo;
+    delta.resize(g.len * n);
+    if (g.stored != kFloat32) bs = widened(bs, g.stored, n, g.rank, scale[g.slot], max_rank);
+    linear_rows(y + g.start * ldy, ldy, bs, max_rank, delta.data(), n, g.len, n, g.rank);
+    for (int64_t t = 0; t < g.len; ++t) {
+      float* dst = out + (g.start + t) * ldo;
       const float* src = delta.data() + t * n;
       for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
     }
@@ -229,14 +243,14 @@ struct Expand {
 void lora_shrink(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& segments,
                  const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored) {
   const Shrink shrink(x, a_stack, segments, ranks, out, stored);
-  for_each_segment(shrink.seg, [&](int64_t i) { shrink.segment(i); });
+  for_each_segment(shrink.segs.seg, [&](int64_t i) { shrink.segment(i); });
 }
 
 void lora_expand(const at::Tensor& y, const at::Tensor& b_stack, const at::Tensor& segments,
                  const at::Tensor& ranks, at::Tensor out, const std::optional<at::Tensor>& stored,
                  const std::optional<at::Tensor>& b_scale) {
   const Expand expand(y, b_stack, segments, ranks, out, stored, b_scale);
-  for_each_segment(expand.seg, [&](int64_t i) { expand.segment(i); });
+  for_each_segment(expand.segs.seg, [&](int64_t i) { expand.segment(i); });
 }
 
 // Every target of one packed module in one call: target t's shrink then expand into out's columns
@@ -263,7 +277,7 @@ void lora_apply(const at::Tensor& x, const std::vector<at::Tensor>& a_stacks, co
     shrinks.emplace_back(x, a_stacks[t], segments, ranks[t], shrunk, kind);
     expands.emplace_back(shrunk, b_stacks[t], segments, ranks[t], out.narrow(1, offsets[t], n), kind, scale);
   }
-  for_each_segment(shrinks.at(0).seg, [&](int64_t i) {
+  for_each_segment(shrinks.at(0).segs.seg, [&](int64_t i) {
     for (size_t t = 0; t < targets; ++t) {
       shrinks[t].segment(i);
       expands[t].segment(i);
