@@ -6,7 +6,7 @@
 // adapters share the call (a sequence answers alone as beside others), and a factor stored in 16 bits gives
 // the bits of its float32 widening: widening is exact, and B's scale is applied to each widened element
 // first, which is the float32 product a float32 slot holds folded in. The results are not the bits of a BLAS
-// call (BLAS sums in an order of its own): the kernels read the factors at about 1.3x the rate of the sgemm
+// call (BLAS sums in an order of its own): the kernels read the factors at about 1.2x the rate of the sgemm
 // calls they replace and read 16-bit factors without widening them into a copy first (docs/decode-profile.md).
 //
 // Rows are handled 16 at a time, each with its own accumulator, and the 16 sums of a block are folded into
@@ -132,7 +132,8 @@ INLINE Lanes block_products(const Rows& row, int64_t depth, const float* v, floa
   if (whole < depth) {
     T part[kLanes][kLanes] = {};
     float v_part[kLanes] = {};
-    for (int64_t i = 0; i < kLanes; ++i) std::memcpy(static_cast<void*>(part[i]), row[i] + whole, (depth - whole) * sizeof(T));
+    for (int64_t i = 0; i < kLanes; ++i)
+      std::memcpy(static_cast<void*>(part[i]), row[i] + whole, (depth - whole) * sizeof(T));
     std::memcpy(v_part, v + whole, (depth - whole) * sizeof(float));
     accumulate<T>(Strided<T>{part[0], kLanes}, 0, v_part, scale, acc);
   }
