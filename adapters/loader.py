@@ -12,6 +12,12 @@ lock either. Two threads (`workers.py`), each with its own reader process:
   parallel region of a decode step waits for it. Their slot copies go through `run_between_steps`, which
   the engine sets to run them between two steps.
 
+With `reads_between_steps` (`--adapter-reads-between-steps`), a slot job's read runs while the engine
+holds its next step (`while_steps_paused`) instead of beside it, where on a machine whose cores the step's
+thread pool fills the reader takes a core from that pool (and a niceness would starve the request that
+waits for it). What that trades, measured on 2 cores (docs/operations.md): reads no longer slow the steps
+beside them, but each pauses every running stream for as long as it takes.
+
 The engine asks for a binding (`bind`, at once when the adapter is already in a slot) or has one brought
 (`bring`); finished jobs wait in a queue the engine takes from its own thread (`take_ready`), after
 `notify` told it there is something to take. Nothing here touches a request or the engine's state.
@@ -49,6 +55,10 @@ log = logging.getLogger(__name__)
 Ready = tuple[object, Binding | None, LoraplexError | None]
 
 
+def _call(fn):
+    return fn()
+
+
 @dataclass(frozen=True)
 class ReadSettings:
     """What reading an adapter checks it against and turns it into."""
@@ -62,7 +72,7 @@ class ReadSettings:
 
 class AdapterLoader:
     def __init__(self, registry: AdapterRegistry, roots: AdapterRoots, buffers: SlotBuffers | None,
-                 reading: ReadSettings, background_nice: int = 0):
+                 reading: ReadSettings, background_nice: int = 0, reads_between_steps: bool = False):
         self.registry = registry
         self.roots = roots
         self.buffers = buffers
@@ -70,6 +80,8 @@ class AdapterLoader:
         self.metrics = NO_METRICS                      # reads and copies are counted here
         self.notify: Callable[[], None] = lambda: None         # take_ready() has something
         self.run_between_steps: Callable = _call               # runs an administrative slot copy
+        self.while_steps_paused: Callable = _call              # runs fn while the engine starts no step
+        self.reads_between_steps = reads_between_steps
         self._ready: deque[Ready] = deque()
         self._gates: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()                  # guards _ready and _gates
@@ -178,7 +190,8 @@ class AdapterLoader:
     def _serve(self, reader: ReaderProcess, token: object, adapter_id: str) -> bool:
         """One slot job: True when it is done (in a slot, or failed), False when it waits for a slot."""
         try:
-            got, error = self._take_slot(reader, adapter_id, _call, wait=True), None
+            reads = self.while_steps_paused if self.reads_between_steps else _call
+            got, error = self._take_slot(reader, adapter_id, _call, wait=True, reads=reads), None
         except LoraplexError as exc:
             got, error = None, exc
         except Exception as exc:  # a bug in a reader must fail the request, not the loader
@@ -201,10 +214,11 @@ class AdapterLoader:
         return self.registry.status(adapter_id, resident)
 
     def _take_slot(self, reader: ReaderProcess, adapter_id: str, copies: Callable,
-                   wait: bool = False) -> Binding | None:
-        """A reference on a slot holding the adapter's current version, copied in through copies(fn) when
-        the slot is new. When every slot is busy: None if `wait`, else ResourceExhausted."""
-        resident = self._resident(reader, adapter_id)
+                   wait: bool = False, reads: Callable = _call) -> Binding | None:
+        """A reference on a slot holding the adapter's current version, read through reads(fn) when it is
+        not in host memory and copied in through copies(fn) when the slot is new. When every slot is busy:
+        None if `wait`, else ResourceExhausted."""
+        resident = self._resident(reader, adapter_id, reads=reads)
         reserved = self.registry.reserve(adapter_id, resident)
         if reserved is None:
             if wait:
@@ -224,9 +238,10 @@ class AdapterLoader:
             raise InternalError(f"adapter {adapter_id!r} could not be copied to a slot")
         return binding
 
-    def _resident(self, reader: ReaderProcess, adapter_id: str, refresh: bool = False) -> Resident:
-        """The adapter in host memory; read (and published) first when it is not there, or when `refresh`
-        and its files changed."""
+    def _resident(self, reader: ReaderProcess, adapter_id: str, refresh: bool = False,
+                  reads: Callable = _call) -> Resident:
+        """The adapter in host memory; read through reads(fn) (and published) first when it is not there, or
+        when `refresh` and its files changed."""
         current = self.registry.resident(adapter_id)
         if current is not None and not refresh:
             return current
@@ -236,7 +251,8 @@ class AdapterLoader:
             current = self.registry.resident(adapter_id)
             if current is not None and current.signature == files:
                 return current
-            return self.registry.publish(adapter_id, self._read(reader, adapter_id, directory), files)
+            adapter = reads(lambda: self._read(reader, adapter_id, directory))
+            return self.registry.publish(adapter_id, adapter, files)
 
     def _gate(self, adapter_id: str) -> threading.Lock:
         with self._lock:
@@ -259,6 +275,3 @@ class AdapterLoader:
         self.buffers.write(slot, adapter)
         self.metrics.adapter_copied(time.monotonic() - started)
 
-
-def _call(fn):
-    return fn()

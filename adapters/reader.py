@@ -257,21 +257,27 @@ def _serve(conn, shared: torch.Tensor, model: ModelConfig, max_rank: int, dtype_
             message = f"{type(exc).__name__}: {exc}".replace(directory, f"<{adapter_id}>")  # no server paths
             conn.send(("error", message))
             continue
-        index, flat = _pack(adapter)
-        payload = flat.view(torch.uint8)
-        if payload.numel() > shared.numel():   # cannot happen for a validated adapter; never overrun
-            conn.send(("error", f"{payload.numel()} bytes exceed the {shared.numel()}-byte exchange buffer"))
+        try:
+            index, nbytes = _pack(adapter, shared)
+        except ValueError as exc:              # cannot happen for a validated adapter; never overrun
+            conn.send(("error", str(exc)))
             continue
-        shared[:payload.numel()].copy_(payload)
-        conn.send(("ok", index, payload.numel()))   # DoRA magnitudes (float32, small) travel in the index
+        conn.send(("ok", index, nbytes))   # DoRA magnitudes (float32, small) travel in the index
 
 
-def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
-    """(index, flat): every module's a then b, flattened in one tensor of the serving dtype."""
+def _pack(adapter: Adapter, shared: torch.Tensor) -> tuple[dict, int]:
+    """(index, bytes written): every module's a then b, concatenated into `shared` (uint8) in the serving
+    dtype. Written in place: a fresh 20 MB tensor per read cost ~10 ms of page faults on a 2-core VM, more
+    than the copy itself."""
     keys = list(adapter.modules)
     parts = [t.reshape(-1) for key in keys for t in (adapter.modules[key].a, adapter.modules[key].b)]
+    dtype = parts[0].dtype
+    nbytes = sum(t.numel() for t in parts) * dtype.itemsize
+    if nbytes > shared.numel():
+        raise ValueError(f"{nbytes} bytes exceed the {shared.numel()}-byte exchange buffer")
+    torch.cat(parts, out=shared[:nbytes].view(dtype))
     index = {"adapter_id": adapter.adapter_id, "alpha": adapter.alpha, "source": adapter.source,
-             "format": adapter.format, "dtype": str(parts[0].dtype).removeprefix("torch."),
+             "format": adapter.format, "dtype": str(dtype).removeprefix("torch."),
              "modules": [(layer, target, m.rank, m.in_features, m.out_features)
                          for (layer, target), m in ((k, adapter.modules[k]) for k in keys)],
              "magnitudes": {i: adapter.modules[k].magnitude for i, k in enumerate(keys)
@@ -280,7 +286,7 @@ def _pack(adapter: Adapter) -> tuple[dict, torch.Tensor]:
                              if adapter.modules[k].group_size is not None},
              "b_scales": {i: adapter.modules[k].b_scale for i, k in enumerate(keys)
                           if adapter.modules[k].b_scale is not None}}
-    return index, torch.cat(parts)
+    return index, nbytes
 
 
 def _unpack(index: dict, raw: torch.Tensor) -> Adapter:

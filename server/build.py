@@ -125,7 +125,7 @@ def _adapters(config: ServerConfig, model, backend, device, dtype):
     reading = ReadSettings(model.config, config.max_lora_rank, dtype, base_weights(model, backend),
                            config.adapter_read_timeout_seconds or None, keep_16bit=buffers.keeps_16bit)
     adapters = AdapterLoader(registry, AdapterRoots([pathlib.Path(r) for r in roots]), buffers, reading,
-                             config.adapter_loader_nice)
+                             config.adapter_loader_nice, config.adapter_reads_between_steps)
     for adapter_id in config.adapter_preload_ids():
         try:
             adapters.preload(adapter_id).result()

@@ -57,6 +57,8 @@ class ServerConfig:
     adapter_service: bool = _opt(True, "serve loraplex.v1.AdapterService (adapter administration)")
     adapter_loader_nice: int = _opt(10, "CPU niceness (0-19) of the process reading adapters for LoadAdapter; "
                                         "higher = they yield more to decoding. Loads a request waits for run at 0")
+    adapter_reads_between_steps: bool = _opt(False, "a read that a request waits for runs while decoding holds its "
+                                                     "next step, not beside it (docs/operations.md: the trade-off)")
     adapter_watch_seconds: float = _opt(0.0, "look at the files of loaded adapters this often and publish a new "
                                              "version when they change (as `adapters load` does); 0 = off")
     adapter_preload: str = _opt("", "adapter ids to read and put in device slots at start-up, separated by "

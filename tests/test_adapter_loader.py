@@ -117,3 +117,48 @@ def test_background_slot_copies_run_on_the_engine_thread_between_steps(tiny_mode
         server.close()
     # with the loop stopped, a copy runs on the thread that asks for it
     assert engine.between_steps(threading.current_thread) is threading.current_thread()
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["between-steps", "beside-steps"])
+def test_reads_a_request_waits_for_run_between_steps_when_asked(tiny_model_dir, root, stub_for, monkeypatch, held):
+    """--adapter-reads-between-steps: a request's read runs on the loader thread while the engine starts no
+    step, and the running stream goes on after it; without it (the default) steps run beside the read."""
+    import time
+
+    from loraplex.adapters.reader import ReaderProcess
+
+    real_read = ReaderProcess.read
+    reads, steps = [], []
+
+    def slow_read(self, *args, **kwargs):
+        start = time.monotonic()
+        time.sleep(0.4)                            # as a slow disk: long enough for several steps
+        try:
+            return real_read(self, *args, **kwargs)
+        finally:
+            reads.append((threading.current_thread().name, start, time.monotonic()))
+
+    monkeypatch.setattr(ReaderProcess, "read", slow_read)
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=8, adapter_roots=str(root),
+                          adapter_slots=2, adapter_reads_between_steps=held)
+    try:
+        engine = server.engine
+        real_step = engine.runner.step
+
+        def step(*args, **kwargs):
+            steps.append(time.monotonic())
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(engine.runner, "step", step)
+        stub = stub_for(server.target)
+        stream = stub.GenerateStream(long_request("", n=400), timeout=120)
+        next(stream)
+        assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
+        assert next(stream).generated_token_count > 0     # the stream goes on after the read
+        stream.cancel()
+    finally:
+        server.close()
+    (thread, start, end), = reads
+    assert thread == "loraplex-adapter-loader"
+    during = [t for t in steps if start < t < end]
+    assert (during == []) if held else (len(during) > 3)

@@ -3,7 +3,8 @@
 The slot copies of administrative adapter loads come here: on 2 cores, a copy on another thread while a
 step runs takes a core from the step's thread pool, whose threads then wait for each other; between steps
 it costs that one step the copy's few milliseconds. (A request's own load copies at once: the request
-waits for it.)
+waits for it.) On a CPU engine whose threads take every core, the reads a request waits for run while the
+loop holds its next step (`while_paused`; loader.py says why).
 """
 
 import threading
@@ -32,6 +33,27 @@ class Chores:
             return fn()
         self.wake()
         return future.result()
+
+    def while_paused(self, fn: Callable):
+        """Runs fn() on the calling thread while the loop waits between two steps: the loop starts no step
+        until fn returns. At once when called from the loop's thread, or when no loop runs."""
+        paused, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            paused.set()
+            done.wait()
+        with self._lock:
+            inline = self._loop_thread is None or threading.current_thread() is self._loop_thread
+            if not inline:
+                self._queue.append((hold, Future()))
+        if inline:
+            return fn()
+        self.wake()
+        paused.wait()            # a loop that ends meanwhile runs `hold` as it leaves (loop_ended)
+        try:
+            return fn()
+        finally:
+            done.set()
 
     def pending(self) -> bool:
         with self._lock:

@@ -66,6 +66,7 @@ class Engine:
         if adapters is not None:
             adapters.notify = self._notify               # a slot job ended: take_ready() in the loop
             adapters.run_between_steps = self.between_steps
+            adapters.while_steps_paused = self.chores.while_paused    # reads, when the loader holds steps
 
     def observe(self, metrics: Metrics) -> None:
         """Counts this engine's work (and its adapters') in `metrics` from now on."""
