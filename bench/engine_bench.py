@@ -42,7 +42,8 @@ class Settings:
     hf_batch: int = 16
     max_batch_size: int = 32
     kv_cache_mb: int = 512
-    prefill_chunk_tokens: int = 24   # the chunked-prefill round (--prefill-chunk-tokens; see docs/operations.md)
+    prefill_chunk_tokens: int = 16   # the chunked-prefill round (--prefill-chunk-tokens; see docs/operations.md)
+    max_step_tokens: int = 48        # and its --max-step-tokens (decodes + prompt pieces of a step)
     wait_quiet: bool = True
     max_foreign: float = 0.10
     retries: int = 2
@@ -166,7 +167,8 @@ def run_online(hf_model, tokenizer, s: Settings, model: str) -> dict:
     log.info("online: %d requests at %.2f/s, last arrival %.1f s", len(stream), s.rate, stream[-1].arrival)
     rounds = {"ours": [], "chunked": [], "hf": []}
     for i in range(s.online_rounds):            # alternating; the round with the best throughput is kept
-        for peer, config in (("ours", {}), ("chunked", {"prefill_chunk_tokens": s.prefill_chunk_tokens})):
+        for peer, config in (("ours", {}), ("chunked", {"prefill_chunk_tokens": s.prefill_chunk_tokens,
+                                                                   "max_step_tokens": s.max_step_tokens})):
             with ours.running(model, s.max_batch_size, s.kv_cache_mb, **config) as (engine, _):
                 rounds[peer].append(measure(lambda: ours.online(engine, stream), s))
         rounds["hf"].append(measure(lambda: hf.online(hf_model, tokenizer, stream, s.hf_batch), s))

@@ -175,8 +175,11 @@ def online_section(results: dict) -> list[str]:
         "load, which caps the ratio (at 3 requests/s, ≈ 200 tok/s offered, loraplex's throughput is that "
         "rate: `loraplex bench --rate 3` shows it).",
         "",
-        f"The third column is loraplex with chunked prefill (`--prefill-chunk-tokens {s['prefill_chunk_tokens']}`): "
-        "prompts fed in pieces beside the running decodes, no step a prefill alone.",
+        f"The third column is loraplex with chunked prefill (`--prefill-chunk-tokens {s['prefill_chunk_tokens']}"
+        + (f" --max-step-tokens {s['max_step_tokens']}" if s.get("max_step_tokens") else "") + "`): "
+        "prompts fed in pieces beside the running decodes, no step a prefill alone"
+        + (", and no step longer than that many tokens, decodes included, unless one piece makes it so."
+           if s.get("max_step_tokens") else "."),
         "",
         "| metric | loraplex | HF | loraplex / HF | loraplex, chunked prefill | chunked / whole |",
         "|---|---:|---:|---:|---:|---:|",

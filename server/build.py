@@ -75,7 +75,7 @@ def build_engine(config: ServerConfig) -> tuple[Engine, ModelDescription]:
         raise
     blocks = BlockManager(runner.num_blocks, config.kv_block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_prefill_tokens, config.max_queue_size,
-                          config.prefill_chunk_tokens, config.prefill_step_tokens)
+                          config.prefill_chunk_tokens, config.prefill_step_tokens, config.max_step_tokens)
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -35,6 +35,9 @@ class ServerConfig:
                                         "prompts in steps of their own (docs/operations.md: the trade-off)")
     prefill_step_tokens: int = _opt(0, "with --prefill-chunk-tokens, the most prompt tokens a step feeds beside its "
                                        "decodes; 0 = one chunk")
+    max_step_tokens: int = _opt(0, "with --prefill-chunk-tokens, the most tokens a step computes, its decodes included: "
+                                   "prompt pieces fill what the decodes leave, at least one piece a step; 0 = "
+                                   "--prefill-step-tokens beside any number of decodes")
     max_queue_size: int = _opt(256, "most requests waiting; more get RESOURCE_EXHAUSTED")
     max_sequence_length: int = _opt(0, "prompt + generated tokens per request; 0 = the model's context window")
     max_new_tokens: int = _opt(1024, "upper limit a request may ask for")
@@ -125,7 +128,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_sequence_length", "prefill_chunk_tokens", "prefill_step_tokens", "threads", "port",
+        for name in ("max_sequence_length", "prefill_chunk_tokens", "prefill_step_tokens", "max_step_tokens",
+                     "threads", "port",
                      "shutdown_grace_seconds", "max_prompt_tokens", "metrics_port", "http_port", "metrics_top_adapters",
                      "replicas", "replica_gpus"):
             if getattr(self, name) < 0:
@@ -133,6 +137,8 @@ class ServerConfig:
         if self.prefill_step_tokens and self.prefill_step_tokens < self.prefill_chunk_tokens:
             raise ValueError(f"prefill_step_tokens ({self.prefill_step_tokens}) must be 0 or at least "
                              f"prefill_chunk_tokens ({self.prefill_chunk_tokens})")
+        if self.max_step_tokens and not self.prefill_chunk_tokens:
+            raise ValueError("max_step_tokens needs prefill_chunk_tokens (whole prompts have steps of their own)")
         if self.quant_blocksize & (self.quant_blocksize - 1) or self.quant_blocksize < 32:
             raise ValueError(f"quant_blocksize must be a power of two >= 32, got {self.quant_blocksize}")
         if self.quant not in ("nf4", "int4"):

@@ -163,3 +163,19 @@ def test_sequences_preempted_in_their_prompt_answer_as_they_do_alone(root):
         small.close()
     assert any(preempted), preempted
     assert [tokens_and_logprobs(outputs[r.request_id]) for r in together] == alone
+
+
+def test_max_step_tokens_holds_with_decodes_counted(tiny_model_dir):
+    """--max-step-tokens: no step computes more than that many tokens, its decodes included, unless it feeds a
+    single piece; running streams still get a token in every step."""
+    chunk, total = 8, 20
+    server = ServerThread(model=str(tiny_model_dir), kv_cache_mb=16, max_batch_size=16, prefill_chunk_tokens=chunk,
+                          max_step_tokens=total, warmup=False)
+    try:
+        running, batches = steps_of_each_token(server.engine, [exact_request(p, 4) for p in LONG])
+    finally:
+        server.close()
+    gaps = [b - a for steps in running.values() for a, b in zip(steps, steps[1:]) if b - a > 1]
+    assert gaps == []
+    over = [(decodes, fed) for decodes, fed in batches if decodes + fed > total and fed > chunk]
+    assert over == [] and any(decodes and fed > chunk for decodes, fed in batches), batches   # several pieces too

@@ -263,3 +263,27 @@ def test_config_flags_and_environment():
     assert config.max_batch_size == 7 and config.port == 1234 and config.warmup is False
     with pytest.raises(ValueError, match="max_batch_size"):
         ServerConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="max_step_tokens needs prefill_chunk_tokens"):
+        ServerConfig(max_step_tokens=48)
+
+
+def test_max_step_tokens_counts_the_decodes_of_a_step():
+    """--max-step-tokens: prompt pieces fill what a step's decodes leave of it (several pieces when few
+    sequences decode, one when many do), cut at the same fixed positions; one piece always fits."""
+    s = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_tokens=100, max_queue_size=8,
+                  prefill_chunk_tokens=4, max_step_tokens=10)
+    prompts = [seq(n) for n in (4, 4, 4, 9, 13, 4)]
+    for x in prompts:
+        s.add(x)
+    steps = []
+    while any(x.fed < len(x.prompt_ids) for x in prompts):
+        batch = s.schedule()
+        pieces = batch.pieces or []
+        steps.append((batch.num_decodes, pieces))
+        assert all(start % 4 == 0 and (end % 4 == 0 or end == len(x.prompt_ids))
+                   for x, (start, end) in zip(batch.seqs[batch.num_decodes:], pieces))
+        fed(batch)
+    budgets = [(decodes, sum(end - start for start, end in pieces), len(pieces)) for decodes, pieces in steps]
+    assert all(decodes + tokens <= 10 or count == 1 for decodes, tokens, count in budgets), budgets
+    assert budgets[:3] == [(0, 8, 2), (2, 8, 2), (3, 4, 1)]   # 10 - 3 decodes leave room for one piece of 4
+    assert any(decodes == 4 and count == 1 for decodes, _, count in budgets)

@@ -56,10 +56,12 @@ class Batch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int, max_queue_size: int,
-                 prefill_chunk_tokens: int = 0, prefill_step_tokens: int = 0):
+                 prefill_chunk_tokens: int = 0, prefill_step_tokens: int = 0, max_step_tokens: int = 0):
         self.blocks = blocks
         self.chunk_tokens = prefill_chunk_tokens      # 0: whole prompts, in prefill steps of their own
         self.step_tokens = prefill_step_tokens or prefill_chunk_tokens   # prompt tokens a mixed step may feed
+        self.max_step_tokens = max_step_tokens        # with chunks: decodes + prompt pieces of a step; 0 = no cap
+        self._prompt_cap = prefill_step_tokens        # as set: 0 = none beside max_step_tokens
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue_size = max_queue_size
@@ -125,7 +127,7 @@ class Scheduler:
                 break
         self._reserve_decode_rows()
         decodes = [seq for seq in self.running if not seq.prefilling and accepts(seq)]
-        pieces = _Pieces(self.chunk_tokens, self.step_tokens)
+        pieces = _Pieces(self.chunk_tokens, self._prompt_budget(len(decodes)))
         for seq in self.running:
             if seq.prefilling and accepts(seq) and not pieces.take(seq):
                 break
@@ -144,6 +146,16 @@ class Scheduler:
         if pieces.seqs:
             return Batch(prefill=True, seqs=decodes + pieces.seqs, pieces=pieces.spans)
         return Batch(prefill=False, seqs=decodes) if decodes else None
+
+    def _prompt_budget(self, decodes: int) -> int:
+        """Prompt tokens a mixed step may feed beside `decodes` decode tokens. With max_step_tokens, what the
+        decodes leave of it (the whole budget when --prefill-step-tokens is unset): a full batch gets one
+        piece, an emptier one several, so a step's length stays about the same at every batch size. The
+        first piece always fits (_Pieces.fits), so prompts never starve."""
+        if not self.max_step_tokens:
+            return self.step_tokens
+        left = self.max_step_tokens - decodes
+        return min(left, self._prompt_cap) if self._prompt_cap else left
 
     def _reserve_decode_rows(self) -> None:
         """Each running sequence needs a KV row for the token it feeds; preempt the newest when short."""
