@@ -16,7 +16,7 @@ With `reads_between_steps` (`--adapter-reads-between-steps`), a slot job's read 
 holds its next step (`while_steps_paused`) instead of beside it, where on a machine whose cores the step's
 thread pool fills the reader takes a core from that pool (and a niceness would starve the request that
 waits for it). What that trades, measured on 2 cores (docs/operations.md): reads no longer slow the steps
-beside them, but each pauses every running stream for as long as it takes.
+beside them, but each pauses every running stream for as long as it takes (1 s at most: chores.HOLD_LIMIT_S).
 
 The engine asks for a binding (`bind`, at once when the adapter is already in a slot) or has one brought
 (`bring`); finished jobs wait in a queue the engine takes from its own thread (`take_ready`), after

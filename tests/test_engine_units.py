@@ -287,3 +287,38 @@ def test_max_step_tokens_counts_the_decodes_of_a_step():
     assert all(decodes + tokens <= 10 or count == 1 for decodes, tokens, count in budgets), budgets
     assert budgets[:3] == [(0, 8, 2), (2, 8, 2), (3, 4, 1)]   # 10 - 3 decodes leave room for one piece of 4
     assert any(decodes == 4 and count == 1 for decodes, _, count in budgets)
+
+
+def test_while_paused_holds_the_loop_for_at_most_its_limit():
+    """Chores.while_paused: the loop starts no step while fn runs, but for longest_s at most (a read on a hung
+    disk must not stop decoding)."""
+    import threading
+    import time
+
+    from loraplex.server.engine.chores import Chores
+
+    chores, stop, steps = Chores(lambda: None), threading.Event(), []
+
+    def loop():
+        chores.loop_started()
+        while not stop.is_set():
+            chore = chores.take()
+            if chore is not None:
+                chore()
+            steps.append(time.monotonic())
+            time.sleep(0.005)
+        chores.loop_ended()
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        def timed(seconds):
+            start = time.monotonic()
+            time.sleep(seconds)
+            return start, time.monotonic()
+        start, end = chores.while_paused(lambda: timed(0.2), longest_s=5)
+        assert not [t for t in steps if start < t < end]          # held for the whole of fn
+        start, end = chores.while_paused(lambda: timed(0.6), longest_s=0.1)
+        assert [t for t in steps if start + 0.3 < t < end]        # let go after 0.1 s while fn still ran
+    finally:
+        stop.set()
+        thread.join()

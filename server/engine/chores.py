@@ -13,6 +13,9 @@ from concurrent.futures import Future
 from typing import Callable
 
 
+HOLD_LIMIT_S = 1.0     # the longest while_paused holds the loop
+
+
 class Chores:
     def __init__(self, wake: Callable[[], None]):
         """wake(): the loop may be waiting; make it look at `pending` again."""
@@ -34,14 +37,15 @@ class Chores:
         self.wake()
         return future.result()
 
-    def while_paused(self, fn: Callable):
+    def while_paused(self, fn: Callable, longest_s: float = HOLD_LIMIT_S):
         """Runs fn() on the calling thread while the loop waits between two steps: the loop starts no step
-        until fn returns. At once when called from the loop's thread, or when no loop runs."""
+        until fn returns, or for longest_s at most (a read on a hung disk must not stop decoding; fn then
+        goes on beside the steps). At once when called from the loop's thread, or when no loop runs."""
         paused, done = threading.Event(), threading.Event()
 
         def hold() -> None:
             paused.set()
-            done.wait()
+            done.wait(longest_s)
         with self._lock:
             inline = self._loop_thread is None or threading.current_thread() is self._loop_thread
             if not inline:
