@@ -130,11 +130,13 @@ def test_reads_a_request_waits_for_run_between_steps_when_asked(tiny_model_dir, 
     real_read = ReaderProcess.read
     reads, steps = [], []
 
-    def slow_read(self, *args, **kwargs):
+    def slow_read(self, directory, adapter_id):
+        if adapter_id != "small":
+            return real_read(self, directory, adapter_id)
         start = time.monotonic()
         time.sleep(0.4)                            # as a slow disk: long enough for several steps
         try:
-            return real_read(self, *args, **kwargs)
+            return real_read(self, directory, adapter_id)
         finally:
             reads.append((threading.current_thread().name, start, time.monotonic()))
 
@@ -151,6 +153,9 @@ def test_reads_a_request_waits_for_run_between_steps_when_asked(tiny_model_dir, 
 
         monkeypatch.setattr(engine.runner, "step", step)
         stub = stub_for(server.target)
+        # a first adapter waits for the reader process to start (seconds, on 2 cores), so that the stream's
+        # tokens are not spent before the read under test begins
+        assert stub.Generate(request("all"), timeout=60).generated_token_count == NEW
         stream = stub.GenerateStream(long_request("", n=400), timeout=120)
         next(stream)
         assert stub.Generate(request("small"), timeout=60).generated_token_count == NEW
@@ -160,5 +165,6 @@ def test_reads_a_request_waits_for_run_between_steps_when_asked(tiny_model_dir, 
         server.close()
     (thread, start, end), = reads
     assert thread == "loraplex-adapter-loader"
+    assert steps[-1] > end, "the stream ended before the read did, so the check below would mean nothing"
     during = [t for t in steps if start < t < end]
     assert (during == []) if held else (len(during) > 3)
