@@ -1,7 +1,8 @@
 """The bitsandbytes NF4 backend: each decoder linear is bitsandbytes' own `Linear4bit`, quantized from the
 checkpoint's weight on the target device, so the 4-bit numbers are exactly bitsandbytes' (and those of HF
 transformers + `BitsAndBytesConfig(nf4)`). On CPUs with AVX512-BF16 the module is `nf4_cpu.FusedNF4Linear`,
-which calls the same fused kernel with the same arguments.
+which calls the same fused kernel with the same arguments; on other CPUs it is `nf4_native.NativeNF4Linear`,
+which multiplies by bitsandbytes' dequantized weight without dequantizing it on every call.
 """
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from . import layout, nf4_cpu
+from . import layout, nf4_cpu, nf4_native
 from .config import ModelConfig
 from .quant import QuantBackend
 
@@ -53,7 +54,9 @@ class NF4Backend(QuantBackend):
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         layer = layer.to(device)   # moving to the device quantizes the weight
-        return nf4_cpu.FusedNF4Linear(layer) if nf4_cpu.available(layer) else layer
+        if nf4_cpu.available(layer):
+            return nf4_cpu.FusedNF4Linear(layer)
+        return nf4_native.NativeNF4Linear(layer) if nf4_native.available(layer) else layer
 
     def nbytes(self, module: nn.Module) -> int:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -63,7 +66,7 @@ class NF4Backend(QuantBackend):
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        if isinstance(module, nf4_cpu.FusedNF4Linear):
+        if isinstance(module, (nf4_cpu.FusedNF4Linear, nf4_native.NativeNF4Linear)):
             return module.dense_weight()
         if isinstance(module, bnb.nn.Linear4bit):
             weight = module.weight

@@ -1,0 +1,192 @@
+// NF4 linear for CPUs that bitsandbytes' fused kernel does not run on (it needs AVX512-BF16): without it,
+// every `Linear4bit` call dequantizes its whole weight into a float32 copy and then multiplies, which on a
+// 2-core Ice Lake Xeon made the 4-bit matmuls ~80% of a decode step (docs/decode-profile.md).
+//
+// out[i, r] = sum_c x[i, c] * (code[q(r, c)] * absmax(r, c)), the weight being exactly bitsandbytes'
+// dequantized float32 weight (one float32 product per element), summed over c in increasing order with one
+// fused multiply-add per term. So an output depends only on its own input row and the weight, never on the
+// batch, the threads or the tiling, and every variant (AVX-512, AVX2+FMA, scalar with std::fma) gives the
+// same bits. Only the order differs from dequantize + sgemm (BLAS sums in an order of its own).
+//
+// Layout (`nf4_layout` in server/model/nf4_native.py builds it once at load), 16 output rows per tile:
+//   codes  [n / 16, k / 2, 16] uint8: byte (t, p, j) = q(16t + j, 2p) | q(16t + j, 2p + 1) << 4
+//   scales [n / 16, k / bs, 16] float32: absmax of row 16t + j in block b of bs columns
+// so one 16-byte load gives two columns of a tile's 16 rows, and a 16-entry table lookup (vpermps) their
+// values. Inputs are broadcast one element at a time: no horizontal sums anywhere.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+namespace {
+
+constexpr int64_t kRows = 16;   // output rows per tile
+
+struct Weight {
+  const uint8_t* codes;   // [tiles, k / 2, 16]
+  const float* scales;    // [tiles, k / bs, 16]
+  const float* table;     // [16] the code book
+  int64_t k, bs;
+};
+
+struct Rows {              // T input rows starting at x, and the outputs they write
+  const float* x;
+  int64_t ldx;
+  float* out;
+  int64_t ldo;
+};
+
+// ---- AVX-512: a tile's 16 rows in one register per input row -------------------------------------------
+template <int T>
+__attribute__((target("avx512f"))) void tile_avx512(const Weight& w, int64_t tile, const Rows& r) {
+  __m512 acc[T];
+  for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
+  const float* scales = w.scales + tile * (w.k / w.bs) * kRows;
+  for (int64_t b = 0; b < w.k / w.bs; ++b) {
+    const __m512 s = _mm512_loadu_ps(scales + b * kRows);
+    for (int64_t c = b * w.bs; c < (b + 1) * w.bs; c += 2) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c / 2 * kRows)));
+      const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(q, table), s);   // vpermps reads the low 4 bits
+      const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s);
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[i * r.ldx + c]), w0, acc[i]);
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[i * r.ldx + c + 1]), w1, acc[i]);
+    }
+  }
+  for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + tile * kRows, acc[i]);
+}
+
+// ---- AVX2 + FMA: a tile as two halves of 8 rows; the 16-entry table as two 8-entry lookups and a blend ---
+__attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(__m256i q, __m256 low, __m256 high) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));   // bit 3 of the code to the sign
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, q), _mm256_permutevar8x32_ps(high, q), mask);
+}
+
+template <int T>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Weight& w, int64_t tile, const Rows& r) {
+  const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
+  const __m256i nibble = _mm256_set1_epi32(0xF);
+  const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
+  const float* scales = w.scales + tile * (w.k / w.bs) * kRows;
+  for (int64_t half = 0; half < kRows; half += 8) {
+    __m256 acc[T];
+    for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < w.k / w.bs; ++b) {
+      const __m256 s = _mm256_loadu_ps(scales + b * kRows + half);
+      for (int64_t c = b * w.bs; c < (b + 1) * w.bs; c += 2) {
+        const __m256i q = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + c / 2 * kRows + half)));
+        const __m256 w0 = _mm256_mul_ps(lookup_avx2(_mm256_and_si256(q, nibble), low, high), s);
+        const __m256 w1 = _mm256_mul_ps(lookup_avx2(_mm256_srli_epi32(q, 4), low, high), s);
+#pragma GCC unroll 8
+        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[i * r.ldx + c]), w0, acc[i]);
+#pragma GCC unroll 8
+        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[i * r.ldx + c + 1]), w1, acc[i]);
+      }
+    }
+    for (int i = 0; i < T; ++i) _mm256_storeu_ps(r.out + i * r.ldo + tile * kRows + half, acc[i]);
+  }
+}
+
+// ---- scalar: the same products and the same fused sums, one row at a time -------------------------------
+template <int T>
+void tile_scalar(const Weight& w, int64_t tile, const Rows& r) {
+  const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
+  const float* scales = w.scales + tile * (w.k / w.bs) * kRows;
+  for (int i = 0; i < T; ++i) {
+    for (int64_t j = 0; j < kRows; ++j) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < w.k; c += 2) {
+        const uint8_t byte = codes[c / 2 * kRows + j];
+        const float s = scales[c / w.bs * kRows + j];
+        const float w0 = w.table[byte & 0xF] * s, w1 = w.table[byte >> 4] * s;
+        acc = std::fma(r.x[i * r.ldx + c], w0, acc);
+        acc = std::fma(r.x[i * r.ldx + c + 1], w1, acc);
+      }
+      r.out[i * r.ldo + tile * kRows + j] = acc;
+    }
+  }
+}
+
+using TileFn = void (*)(const Weight&, int64_t, const Rows&);
+
+struct Variant {
+  int max_rows;           // input rows per call (what the registers hold)
+  const TileFn* fns;      // fns[t - 1] handles t rows
+};
+
+template <template <int> class K, int... T>
+struct Table {
+  static constexpr TileFn fns[] = {&K<T + 1>::run...};
+};
+
+template <int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<T>(w, t, r); } };
+template <int T> struct Avx2 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx2<T>(w, t, r); } };
+template <int T> struct Scalar { static void run(const Weight& w, int64_t t, const Rows& r) { tile_scalar<T>(w, t, r); } };
+
+template <template <int> class K, int... T>
+constexpr Variant variant(std::integer_sequence<int, T...>) {
+  return {static_cast<int>(sizeof...(T)), Table<K, T...>::fns};
+}
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+Variant pick(int64_t isa) {
+  static const Isa best = best_isa();
+  const Isa want = isa == kAuto ? best : static_cast<Isa>(isa);
+  TORCH_CHECK(want >= kScalar && want <= best, "nf4_linear: isa ", isa, " is not supported on this CPU (best ",
+              static_cast<int64_t>(best), ")");
+  if (want == kAvx512) return variant<Avx512>(std::make_integer_sequence<int, 16>{});
+  if (want == kAvx2) return variant<Avx2>(std::make_integer_sequence<int, 6>{});
+  return variant<Scalar>(std::make_integer_sequence<int, 4>{});
+}
+
+at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& table, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x [m, k] float32, rows contiguous");
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.size(2) == kRows && codes.is_contiguous(),
+              "codes [n / 16, k / 2, 16] uint8, contiguous");
+  TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat && scales.size(2) == kRows &&
+                  scales.size(0) == codes.size(0) && scales.is_contiguous(),
+              "scales [n / 16, k / blocksize, 16] float32, contiguous");
+  TORCH_CHECK(table.numel() == 16 && table.scalar_type() == at::kFloat && table.is_contiguous(), "table [16] float32");
+  const int64_t m = x.size(0), k = x.size(1), tiles = codes.size(0);
+  TORCH_CHECK(codes.size(1) * 2 == k && scales.size(1) > 0 && k % scales.size(1) == 0 && (k / scales.size(1)) % 2 == 0,
+              "x has ", k, " columns: codes need k / 2 = ", codes.size(1) * 2 / 2, " and scales whole even blocks");
+  const Variant v = pick(isa);
+  auto out = at::empty({m, tiles * kRows}, x.options());
+  const Weight w{codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), k, k / scales.size(1)};
+  const float* xs = x.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t i = 0; i < m; i += v.max_rows) {
+        const int64_t rows = std::min<int64_t>(v.max_rows, m - i);
+        v.fns[rows - 1](w, t, Rows{xs + i * x.stride(0), x.stride(0), os + i * out.stride(0), out.stride(0)});
+      }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("nf4_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, int isa=0) -> Tensor", &nf4_linear);
+}
