@@ -20,7 +20,7 @@ import tempfile
 
 # (part, test on a sample's innermost loraplex frame "function (file:line)"), first match wins
 PARTS = [
-    ("4-bit matmuls", lambda f: "nf4_cpu.py" in f or "int4.py" in f or "nf4.py" in f),
+    ("4-bit matmuls", lambda f: any(name in f for name in ("nf4_cpu.py", "nf4_native.py", "int4.py", "nf4.py"))),
     ("decode attention and KV cache", lambda f: "decode_attention.py" in f
         or ("llama.py" in f and ("Attention." in f or "_causal" in f or "_after_prefix" in f))),
     ("output head", lambda f: "lm_head.py" in f),
@@ -58,7 +58,10 @@ def shares(raw_path: str) -> dict[str, float]:
             if not any("ModelRunner.step" in f or "Engine._run " in f for f in frames):
                 continue
             own = _innermost_own_frame(frames, root)
-            part = next((name for name, test in PARTS if test(own)), REST)
+            if any("/bitsandbytes/" in f for f in frames):    # bitsandbytes' Linear4bit, called from our model
+                part = PARTS[0][0]
+            else:
+                part = next((name for name, test in PARTS if test(own)), REST)
             counts[part] += int(n)
             total += int(n)
     return {name: counts[name] / total for name, _ in PARTS + [(REST, None)]} if total else {}

@@ -6,8 +6,9 @@ engine's modules (bitsandbytes may have repacked those into a CPU-specific layou
 
 - dequant floor: for every quantized weight, dequantize it to fp32 and run F.linear at batch B;
   plus the fp32 lm_head matmul.
-- fused floor: every weight as a bitsandbytes Linear4bit forward (on CPUs with AVX512-BF16 this is
-  bitsandbytes' fused 4-bit kernel, the path both our engine and HF take); plus the same lm_head matmul.
+- fused floor: every weight as the module our NF4 backend makes of it (on CPUs with AVX512-BF16
+  bitsandbytes' fused 4-bit kernel, the path both our engine and HF take; on other CPUs our own kernel,
+  server/model/nf4_native.py, where HF dequantizes every weight per call); plus the same lm_head matmul.
 """
 
 import pathlib

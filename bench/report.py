@@ -26,7 +26,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     for key, label, style in (("ours_tok_s", "loraplex", "o-"), ("hf_tok_s", "HF generate", "s-"),
                               ("floor_dequant_tok_s", "floor: dequant + F.linear", "^--"),
-                              ("floor_fused_tok_s", "floor: Linear4bit fused", "v:")):
+                              ("floor_fused_tok_s", "floor: 4-bit kernel", "v:")):
         ax1.plot(batches, [r[key] for r in rows], style, label=label)
     ax1.set(xlabel="batch size", ylabel="decode tokens/s", title="Decode throughput", xticks=batches)
     ax1.legend(fontsize=8)
@@ -226,10 +226,12 @@ def method_section(results: dict) -> list[str]:
         f"call's fastest time in {s['floor_repeats']} passes (so a neighbour's burst during one call stays out), "
         "best of the rounds. "
         "It leaves out attention, norms, rotary, sampling, the KV cache and all Python.",
-        "- **Fused floor**: the same weights as bitsandbytes `Linear4bit` modules (their forward, which on a "
-        "CPU with AVX512-BF16 repacks the weight once and runs bitsandbytes' fused 4-bit kernel in bf16, the "
-        "kernel our engine and HF both use), plus the same lm_head matmul. Neither peer ever dequantizes a "
-        "whole weight, so the fused floor is the one that bounds them; the dequant floor can be beaten.",
+        "- **Fused floor**: the same weights as the modules our NF4 backend makes (on a CPU with AVX512-BF16 "
+        "bitsandbytes `Linear4bit`, which repacks the weight once and runs bitsandbytes' fused 4-bit kernel in "
+        "bf16, the kernel our engine and HF both use; on other CPUs our own NF4 kernel, "
+        "`server/model/nf4_native.py`, while HF's `Linear4bit` dequantizes each weight per call), plus the "
+        "same lm_head matmul. Our engine never dequantizes a whole weight, so the fused floor is the one that "
+        "bounds it; the dequant floor can be beaten.",
         "- **Online, ours**: requests are submitted with `Engine.add_request` at their arrival times "
         "(continuous batching decides the rest). TTFT = arrival → first output with "
         "`generated_token_count ≥ 1`; inter-token latency = gaps between a request's successive tokens; "
