@@ -11,8 +11,9 @@ on a tiny random Llama with an NF4 base (block 64, no double quant), float32 com
   see that test), a big one mostly kept; a dense merge keeps all of it;
 - install / uninstall never touch the base modules.
 
-Two modes of our NF4 backend: "plain", bitsandbytes' Linear4bit itself (what CUDA and CPUs without
-AVX512-BF16 run), and "fused", the fused AVX512-BF16 CPU kernel (nf4_cpu.FusedNF4Linear), whose block
+Three modes of our NF4 backend: "plain", bitsandbytes' Linear4bit itself (what CUDA runs), "native", our
+NF4 kernel for CPUs without AVX512-BF16 (nf4_native.NativeNF4Linear, the same dequantized weight as plain),
+and "fused", the fused AVX512-BF16 CPU kernel (nf4_cpu.FusedNF4Linear), whose block
 scales are bfloat16. In fused mode our base multiplies by NF4 code x bf16(absmax), while PEFT's merge on a
 freshly loaded HF model dequantizes with the float32 absmax, so the two merges start from bases that differ
 by that rounding (measured here: ~0.1% of the merged codes and a few block scales then differ by one step).
@@ -34,7 +35,8 @@ from loraplex.adapters.formats import bind, read_adapter
 from loraplex.adapters.lora_layer import LoraLinear, LoraStep, attach_lora, base_weights
 from loraplex.adapters.segments import compute_segments
 from loraplex.adapters.slots import SlotBuffers
-from loraplex.server.model import layout, nf4_cpu
+from loraplex.adapters import native
+from loraplex.server.model import layout, nf4_cpu, nf4_native
 from loraplex.server.model.context import StepContext
 from loraplex.server.model.lm_head import OutputHead
 from loraplex.server.model.loader import StackedLinear, dense_weight, load_model
@@ -54,21 +56,26 @@ KEY = ("a", 1)
 # float32 rounding and summation order differ: measured max |diff| 5e-7 (LoRA), 8e-7 (DoRA); 1e-5 leaves
 # a margin of ~12x. fused: the unmerged base (PEFT's and ours) runs bitsandbytes' fused kernel on bf16-rounded
 # activations, the merged modules multiply float32 ones: measured 4e-3 (LoRA), 6e-3 (DoRA); 2e-2 allowed.
-LOGIT_ATOL = {"plain": 1e-5, "fused": 2e-2}
+LOGIT_ATOL = {"plain": 1e-5, "native": 1e-5, "fused": 2e-2}
 
 
 def set_mode(mode: str, monkeypatch) -> str:
-    if mode == "plain":
-        # As on a CPU without AVX512-BF16: our backend makes Linear4bit itself, and no Linear4bit (ours or
-        # HF's) repacks itself for the fused kernel at its first forward.
+    if mode in ("plain", "native"):
+        # As on a CPU without AVX512-BF16: our backend makes Linear4bit itself (plain) or our kernel's
+        # module (native), and no Linear4bit (ours or HF's) repacks itself for the fused kernel at its first
+        # forward.
         monkeypatch.setattr(nf4_cpu, "available", lambda layer: False)
         monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+        if mode == "plain":
+            monkeypatch.setattr(nf4_native, "available", lambda layer: False)
+        elif not native.available():
+            pytest.skip("native kernels unavailable")
     elif not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: no fused kernel")
     return mode
 
 
-@pytest.fixture(params=["plain", "fused"])
+@pytest.fixture(params=["plain", "native", "fused"])
 def mode(request, monkeypatch):
     return set_mode(request.param, monkeypatch)
 
@@ -196,6 +203,9 @@ def test_requantize_is_peft_merge_and_unload_byte_for_byte(kind, mode, tiny_mode
                 assert torch.equal(inner.weight.data.view(-1)[rows], w.data.view(-1)), f"codes {i} {target}"
                 blocks = slice(offset * in_features // BLOCK, (offset + size) * in_features // BLOCK)
                 assert torch.equal(inner.weight.quant_state.absmax[blocks], state.absmax), f"absmax {i} {target}"
+                want = bnb.functional.dequantize_4bit(w.data, state)
+            elif mode == "native":       # its codes and scales are checked through its dense weight below
+                assert type(inner) is nf4_native.NativeNF4Linear
                 want = bnb.functional.dequantize_4bit(w.data, state)
             else:
                 # bitsandbytes' own CPU repacking of PEFT's merged weight: codes [out, in / 2] in 32-row

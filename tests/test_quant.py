@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from loraplex.server.model import nf4_cpu
+from loraplex.server.model import nf4_cpu, nf4_native
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.model.loader import RowPadded, StackedLinear, dense_weight
 from loraplex.server.model.nf4 import NF4Backend
@@ -33,6 +33,7 @@ def oracle_dense(weight: torch.Tensor, blocksize: int, bf16_scales: bool) -> tor
 def test_nf4_dense_weight_is_bitsandbytes_dequantization(fused, blocksize, monkeypatch):
     if not fused:
         monkeypatch.setattr(nf4_cpu, "available", lambda layer: False)   # bitsandbytes' Linear4bit itself
+        monkeypatch.setattr(nf4_native, "available", lambda layer: False)
     weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(blocksize)) * 0.05
     backend = NF4Backend(blocksize=blocksize)
     module = backend.quantize(weight, None, CPU, torch.float32)
