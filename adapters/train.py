@@ -198,10 +198,13 @@ def has_answers(out: pathlib.Path) -> bool:
 
 
 def _autocast(kind: str):
-    """bf16 matmuls where the CPU has them (a step takes about half the time of fp32's); the LoRA weights
-    and AdamW's moments stay fp32. Not for QLoRA, whose bitsandbytes layers compute in their own dtype."""
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and kind != "qlora")
+    """bf16 matmuls (the recipe's: on a CPU with AVX512-BF16 a step takes about half the time of fp32's);
+    the LoRA weights and AdamW's moments stay fp32. On every CPU, those without bf16 instructions too: the
+    demo adapters trained in fp32 on a 2-core Ice Lake Xeon lost "Berlin" ("The Capital Of Germany Is
+    Germany."), trained in bf16 there they keep it as on the AMD EPYC (tests/test_train.py), at the price of
+    torch's bf16 matmuls without those instructions: the two demo adapters took 554 s there against 219 s
+    in fp32. Not for QLoRA, whose bitsandbytes layers compute in their own dtype."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind != "qlora")
 
 
 def _load_base(model_dir: str, kind: str, group_size: int = 64):
