@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -36,9 +37,8 @@ struct Weight {
   int64_t k, bs;
 };
 
-struct Rows {              // T input rows starting at x, and the outputs they write
+struct Rows {              // T input rows, column-major (x[c * T + i] is row i's column c), and their outputs
   const float* x;
-  int64_t ldx;
   float* out;
   int64_t ldo;
 };
@@ -58,9 +58,9 @@ __attribute__((target("avx512f"))) void tile_avx512(const Weight& w, int64_t til
       const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(q, table), s);   // vpermps reads the low 4 bits
       const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s);
 #pragma GCC unroll 16
-      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[i * r.ldx + c]), w0, acc[i]);
+      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[c * T + i]), w0, acc[i]);
 #pragma GCC unroll 16
-      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[i * r.ldx + c + 1]), w1, acc[i]);
+      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[c * T + T + i]), w1, acc[i]);
     }
   }
   for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + tile * kRows, acc[i]);
@@ -89,9 +89,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Weight& w, int64_t tile
         const __m256 w0 = _mm256_mul_ps(lookup_avx2(_mm256_and_si256(q, nibble), low, high), s);
         const __m256 w1 = _mm256_mul_ps(lookup_avx2(_mm256_srli_epi32(q, 4), low, high), s);
 #pragma GCC unroll 8
-        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[i * r.ldx + c]), w0, acc[i]);
+        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[c * T + i]), w0, acc[i]);
 #pragma GCC unroll 8
-        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[i * r.ldx + c + 1]), w1, acc[i]);
+        for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(r.x[c * T + T + i]), w1, acc[i]);
       }
     }
     for (int i = 0; i < T; ++i) _mm256_storeu_ps(r.out + i * r.ldo + tile * kRows + half, acc[i]);
@@ -110,8 +110,8 @@ void tile_scalar(const Weight& w, int64_t tile, const Rows& r) {
         const uint8_t byte = codes[c / 2 * kRows + j];
         const float s = scales[c / w.bs * kRows + j];
         const float w0 = w.table[byte & 0xF] * s, w1 = w.table[byte >> 4] * s;
-        acc = std::fma(r.x[i * r.ldx + c], w0, acc);
-        acc = std::fma(r.x[i * r.ldx + c + 1], w1, acc);
+        acc = std::fma(r.x[c * T + i], w0, acc);
+        acc = std::fma(r.x[c * T + T + i], w1, acc);
       }
       r.out[i * r.ldo + tile * kRows + j] = acc;
     }
@@ -173,13 +173,20 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const Variant v = pick(isa);
   auto out = at::empty({m, tiles * kRows}, x.options());
   const Weight w{codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), k, k / scales.size(1)};
+  // each group of up to max_rows input rows column-major, so a kernel reads them from one pointer
   const float* xs = x.data_ptr<float>();
+  std::vector<float> columns(m * k);
+  for (int64_t i = 0; i < m; i += v.max_rows) {
+    const int64_t rows = std::min<int64_t>(v.max_rows, m - i);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t c = 0; c < k; ++c) columns[i * k + c * rows + j] = xs[(i + j) * x.stride(0) + c];
+  }
   float* os = out.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t i = 0; i < m; i += v.max_rows) {
         const int64_t rows = std::min<int64_t>(v.max_rows, m - i);
-        v.fns[rows - 1](w, t, Rows{xs + i * x.stride(0), x.stride(0), os + i * out.stride(0), out.stride(0)});
+        v.fns[rows - 1](w, t, Rows{columns.data() + i * k, os + i * out.stride(0), out.stride(0)});
       }
   });
   return out;
