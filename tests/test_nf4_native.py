@@ -105,3 +105,24 @@ def test_only_float32_compute_on_unrepacked_nf4_runs_here():
     layer.compute_dtype = torch.bfloat16          # bitsandbytes would compute in bfloat16: not this kernel's numbers
     assert not nf4_native.available(layer)
     assert not nf4_native.available(torch.nn.Linear(128, 32))
+
+
+def test_bf16_tiles_multiply_by_the_exact_widening_in_every_row_alone():
+    """The output head's native screen (bf16_linear_cpu.cpp): float32 rows times a bfloat16 weight, within
+    float32 rounding of float64 on the widened weight, each row's bits its own on every variant."""
+    from loraplex.server.model.lm_head import bf16_tiles
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(100, 576, generator=g)                     # 100 rows: the last tile padded
+    tiles = bf16_tiles(weight)
+    x = torch.randn(21, 576, generator=g)
+    full = torch.ops.loraplex.bf16_linear(x, tiles)[:, :100]
+    widened = weight.to(torch.bfloat16).double()
+    reference, magnitude = x.double() @ widened.T, x.double().abs() @ widened.abs().T
+    assert torch.all((full.double() - reference).abs() <= 576 * 2**-24 * magnitude)
+    for i in (0, 20):
+        assert torch.equal(torch.ops.loraplex.bf16_linear(x[i:i + 1], tiles)[:, :100], full[i:i + 1])
+    for isa in supported_isas():
+        assert torch.equal(torch.ops.loraplex.bf16_linear(x, tiles, isa)[:, :100], full), isa
+    with pytest.raises(RuntimeError, match="x has 64 columns, the weight 576"):
+        torch.ops.loraplex.bf16_linear(torch.randn(2, 64), tiles)

@@ -1,17 +1,22 @@
 """The screened greedy choice equals the argmax of the full float32 logits (the oracle: torch's own
-float32 matmul over the whole vocabulary), on the embedded model's real output weights."""
+float32 matmul over the whole vocabulary), on the embedded model's real output weights, with either screen:
+torch's bfloat16 matmul or our native kernel (what CPUs without AVX512-BF16 use)."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from loraplex.adapters import native
 from loraplex.server.engine.runner import _runs
 from loraplex.server.model.lm_head import OutputHead
 
 
-@pytest.fixture(scope="module")
-def head(embedded_dir):
-    return OutputHead(load_file(str(embedded_dir / "model.safetensors"))["model.embed_tokens.weight"])
+@pytest.fixture(scope="module", params=["torch", "tiles"])
+def head(embedded_dir, request):
+    if request.param == "tiles" and not native.available():
+        pytest.skip("native kernels unavailable")
+    weight = load_file(str(embedded_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    return OutputHead(weight, tiles=request.param == "tiles")
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])

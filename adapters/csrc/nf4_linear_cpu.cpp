@@ -3,10 +3,9 @@
 // 2-core Ice Lake Xeon made the 4-bit matmuls ~80% of a decode step (docs/decode-profile.md).
 //
 // out[i, r] = sum_c x[i, c] * (code[q(r, c)] * absmax(r, c)), the weight being exactly bitsandbytes'
-// dequantized float32 weight (one float32 product per element), summed over c in increasing order with one
-// fused multiply-add per term. So an output depends only on its own input row and the weight, never on the
-// batch, the threads or the tiling, and every variant (AVX-512, AVX2+FMA, scalar with std::fma) gives the
-// same bits. Only the order differs from dequantize + sgemm (BLAS sums in an order of its own).
+// dequantized float32 weight (one float32 product per element), through the tile driver
+// (tile_linear_cpu.h: fixed-order fused sums, the same bits on every variant and batch). Only the order of
+// the sums differs from dequantize + sgemm (BLAS sums in an order of its own).
 //
 // Layout (`nf4_layout` in server/model/nf4_native.py builds it once at load), 16 output rows per tile:
 //   codes  [n / 16, k / 2, 16] uint8: byte (t, p, j) = q(16t + j, 2p) | q(16t + j, 2p + 1) << 4
@@ -14,38 +13,29 @@
 // so one 16-byte load gives two columns of a tile's 16 rows, and a 16-entry table lookup (vpermps) their
 // values. Inputs are broadcast one element at a time: no horizontal sums anywhere.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <utility>
-#include <vector>
+
+#include "tile_linear_cpu.h"
 
 namespace {
 
-constexpr int64_t kRows = 16;   // output rows per tile
+using loraplex::tiles::kRows;
+using loraplex::tiles::Rows;
 
-struct Weight {
+struct Nf4Weight {
   const uint8_t* codes;   // [tiles, k / 2, 16]
   const float* scales;    // [tiles, k / bs, 16]
   const float* table;     // [16] the code book
   int64_t k, bs;
 };
 
-struct Rows {              // T input rows, column-major (x[c * T + i] is row i's column c), and their outputs
-  const float* x;
-  float* out;
-  int64_t ldo;
-};
-
 // ---- AVX-512: a tile's 16 rows in one register per input row -------------------------------------------
 template <int T>
-__attribute__((target("avx512f"))) void tile_avx512(const Weight& w, int64_t tile, const Rows& r) {
+__attribute__((target("avx512f"))) void tile_avx512(const Nf4Weight& w, int64_t tile, const Rows& r) {
   __m512 acc[T];
   for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
   const __m512 table = _mm512_loadu_ps(w.table);
@@ -73,7 +63,7 @@ __attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(__m256i q, __m256 
 }
 
 template <int T>
-__attribute__((target("avx2,fma"))) void tile_avx2(const Weight& w, int64_t tile, const Rows& r) {
+__attribute__((target("avx2,fma"))) void tile_avx2(const Nf4Weight& w, int64_t tile, const Rows& r) {
   const __m256 low = _mm256_loadu_ps(w.table), high = _mm256_loadu_ps(w.table + 8);
   const __m256i nibble = _mm256_set1_epi32(0xF);
   const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
@@ -100,7 +90,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Weight& w, int64_t tile
 
 // ---- scalar: the same products and the same fused sums, one row at a time -------------------------------
 template <int T>
-void tile_scalar(const Weight& w, int64_t tile, const Rows& r) {
+void tile_scalar(const Nf4Weight& w, int64_t tile, const Rows& r) {
   const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
   const float* scales = w.scales + tile * (w.k / w.bs) * kRows;
   for (int i = 0; i < T; ++i) {
@@ -118,45 +108,13 @@ void tile_scalar(const Weight& w, int64_t tile, const Rows& r) {
   }
 }
 
-using TileFn = void (*)(const Weight&, int64_t, const Rows&);
-
-struct Variant {
-  int max_rows;           // input rows per call (what the registers hold)
-  const TileFn* fns;      // fns[t - 1] handles t rows
+struct Nf4 {
+  using Weight = Nf4Weight;
+  static constexpr int kAvx512Rows = 16, kAvx2Rows = 6, kScalarRows = 4;
+  template <int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<T>(w, t, r); } };
+  template <int T> struct Avx2 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx2<T>(w, t, r); } };
+  template <int T> struct Scalar { static void run(const Weight& w, int64_t t, const Rows& r) { tile_scalar<T>(w, t, r); } };
 };
-
-template <template <int> class K, int... T>
-struct Table {
-  static constexpr TileFn fns[] = {&K<T + 1>::run...};
-};
-
-template <int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<T>(w, t, r); } };
-template <int T> struct Avx2 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx2<T>(w, t, r); } };
-template <int T> struct Scalar { static void run(const Weight& w, int64_t t, const Rows& r) { tile_scalar<T>(w, t, r); } };
-
-template <template <int> class K, int... T>
-constexpr Variant variant(std::integer_sequence<int, T...>) {
-  return {static_cast<int>(sizeof...(T)), Table<K, T...>::fns};
-}
-
-enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
-
-Isa best_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
-  return kScalar;
-}
-
-Variant pick(int64_t isa) {
-  static const Isa best = best_isa();
-  const Isa want = isa == kAuto ? best : static_cast<Isa>(isa);
-  TORCH_CHECK(want >= kScalar && want <= best, "nf4_linear: isa ", isa, " is not supported on this CPU (best ",
-              static_cast<int64_t>(best), ")");
-  if (want == kAvx512) return variant<Avx512>(std::make_integer_sequence<int, 16>{});
-  if (want == kAvx2) return variant<Avx2>(std::make_integer_sequence<int, 6>{});
-  return variant<Scalar>(std::make_integer_sequence<int, 4>{});
-}
 
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& table, int64_t isa) {
@@ -169,27 +127,9 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
   TORCH_CHECK(table.numel() == 16 && table.scalar_type() == at::kFloat && table.is_contiguous(), "table [16] float32");
   const int64_t m = x.size(0), k = x.size(1), tiles = codes.size(0);
   TORCH_CHECK(codes.size(1) * 2 == k && scales.size(1) > 0 && k % scales.size(1) == 0 && (k / scales.size(1)) % 2 == 0,
-              "x has ", k, " columns: codes need k / 2 = ", codes.size(1) * 2 / 2, " and scales whole even blocks");
-  const Variant v = pick(isa);
-  auto out = at::empty({m, tiles * kRows}, x.options());
-  const Weight w{codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), k, k / scales.size(1)};
-  // each group of up to max_rows input rows column-major, so a kernel reads them from one pointer
-  const float* xs = x.data_ptr<float>();
-  std::vector<float> columns(m * k);
-  for (int64_t i = 0; i < m; i += v.max_rows) {
-    const int64_t rows = std::min<int64_t>(v.max_rows, m - i);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t c = 0; c < k; ++c) columns[i * k + c * rows + j] = xs[(i + j) * x.stride(0) + c];
-  }
-  float* os = out.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t i = 0; i < m; i += v.max_rows) {
-        const int64_t rows = std::min<int64_t>(v.max_rows, m - i);
-        v.fns[rows - 1](w, t, Rows{columns.data() + i * k, os + i * out.stride(0), out.stride(0)});
-      }
-  });
-  return out;
+              "x has ", k, " columns, the codes ", codes.size(1) * 2, " (and the scales must cover whole even blocks)");
+  const Nf4Weight w{codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), table.data_ptr<float>(), k, k / scales.size(1)};
+  return loraplex::tiles::run(x, w, tiles, loraplex::tiles::pick<Nf4>(isa, "nf4_linear"));
 }
 
 }  // namespace

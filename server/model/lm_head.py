@@ -4,11 +4,15 @@ third of computing all logits in float32.
 Greedy screening: a bfloat16 copy of the head scores every token cheaply; a rigorous bound on how far
 each bf16 score can be from its float32 value keeps every token that could still be the float32 argmax;
 only those few rows are recomputed in float32. The chosen token is the float32 argmax (first index on
-ties), the same choice as computing all float32 logits.
+ties), the same choice as computing all float32 logits. On CPUs without AVX512-BF16, where torch's
+bfloat16 matmul is no faster than float32's, the screen is our own kernel (`adapters/csrc/
+bf16_linear_cpu.cpp`: float32 activations times the widened bf16 copy, which the same bound covers).
 """
 
 import torch
 import torch.nn.functional as F
+
+from ...adapters import native
 
 # |bf16 score - fp32 logit| <= SLACK * |x| * |w_t|: rounding x and w_t to bf16 (2^-8 each), the bf16
 # result itself (2^-8 of |x.w_t| <= |x||w_t|), plus float32 accumulation with a wide margin (2^-12).
@@ -16,12 +20,34 @@ SLACK = 2**-7 + 2**-8 + 2**-12
 LOGIT_ROWS = 8   # full logits are computed in products of exactly this many rows (see OutputHead.logits)
 
 
+TILE = 16   # vocabulary rows per tile of the native screen's layout
+
+
+def tiles_screen_faster(weight: torch.Tensor) -> bool:
+    """Whether our bf16 kernel screens faster than torch here: a CPU without AVX512-BF16, kernels built."""
+    bf16_instructions = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return weight.device.type == "cpu" and not bf16_instructions and native.available()
+
+
+def bf16_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """[vocab, hidden] -> [ceil(vocab / 16), hidden, 16] bfloat16 (rows padded with zeros): the native
+    screen's layout, (t, c, j) = weight[16t + j, c]."""
+    vocab, hidden = weight.shape
+    padded = torch.cat([weight.to(torch.bfloat16), weight.new_zeros(-vocab % TILE, hidden, dtype=torch.bfloat16)])
+    return padded.reshape(-1, TILE, hidden).transpose(1, 2).contiguous()
+
+
 class OutputHead:
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, tiles: bool | None = None):
+        """tiles: screen with the native kernel (None: where it is faster, `tiles_screen_faster`)."""
         self.weight = weight                                 # [vocab, hidden], the compute dtype
         self.screen = weight.dtype == torch.float32
         if self.screen:
-            self.weight_bf16 = weight.to(torch.bfloat16)     # [vocab, hidden]
+            self.tiles = tiles_screen_faster(weight) if tiles is None else tiles and native.available()
+            if self.tiles:
+                self.weight_bf16 = bf16_tiles(weight)        # [vocab / 16, hidden, 16]
+            else:
+                self.weight_bf16 = weight.to(torch.bfloat16)     # [vocab, hidden]
             self.row_norms = weight.norm(dim=1)              # [vocab]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -45,7 +71,7 @@ class OutputHead:
             for i, ids in enumerate(banned or ()):
                 logits[i, list(ids)] = float("-inf")
             return logits.argmax(dim=-1).tolist()
-        scores = F.linear(hidden.to(torch.bfloat16), self.weight_bf16).float()      # [n, vocab]
+        scores = self._screen_scores(hidden)                                         # [n, vocab]
         slack = SLACK * hidden.norm(dim=1, keepdim=True) * self.row_norms           # [n, vocab]
         low = scores - slack
         for i, ids in enumerate(banned or ()):
@@ -60,3 +86,10 @@ class OutputHead:
             exact = F.linear(hidden[i:i + 1], self.weight.index_select(0, candidates))
             tokens.append(int(candidates[exact.argmax()]))
         return tokens
+
+    def _screen_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32: each token's score against the bf16 copy of its row."""
+        if self.tiles:
+            scores = torch.ops.loraplex.bf16_linear(hidden.float().contiguous(), self.weight_bf16)
+            return scores[:, :self.weight.shape[0]]
+        return F.linear(hidden.to(torch.bfloat16), self.weight_bf16).float()
