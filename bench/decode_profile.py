@@ -58,7 +58,7 @@ def shares(raw_path: str) -> dict[str, float]:
             if not any("ModelRunner.step" in f or "Engine._run " in f for f in frames):
                 continue
             own = _innermost_own_frame(frames, root)
-            if any("/bitsandbytes/" in f for f in frames):    # bitsandbytes' Linear4bit, called from our model
+            if any("bitsandbytes/" in f for f in frames):    # bitsandbytes' Linear4bit, called from our model
                 part = PARTS[0][0]
             else:
                 part = next((name for name, test in PARTS if test(own)), REST)
