@@ -203,7 +203,9 @@ def method_section(results: dict) -> list[str]:
         f"(`launch_engine`, max batch {s['max_batch_size']}, KV cache {s['kv_cache_mb']} MiB) and HF "
         "`AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
         "bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32))` on the same checkpoint. "
-        "Both quantize the decoder linears to NF4 with bitsandbytes' `Linear4bit` and keep embeddings, norms "
+        "Both quantize the decoder linears to NF4 with bitsandbytes' `Linear4bit` (the same codes and scales; "
+        "on a CPU without AVX512-BF16 our engine multiplies by them through its own kernel, "
+        "`server/model/nf4_native.py`) and keep embeddings, norms "
         "and the (tied) lm_head in fp32. `min_new_tokens = max_new_tokens` everywhere, so EOS never ends "
         "a request early and both peers generate the same token counts.",
         "",
