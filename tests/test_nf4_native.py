@@ -126,3 +126,14 @@ def test_bf16_tiles_multiply_by_the_exact_widening_in_every_row_alone():
         assert torch.equal(torch.ops.loraplex.bf16_linear(x, tiles, isa)[:, :100], full), isa
     with pytest.raises(RuntimeError, match="x has 64 columns, the weight 576"):
         torch.ops.loraplex.bf16_linear(torch.randn(2, 64), tiles)
+
+
+def test_the_model_calls_our_kernel_unpadded_and_other_modules_padded():
+    from loraplex.server.model.loader import StackedLinear
+    from loraplex.server.model.row_padding import RowPadded
+
+    ours = nf4_native.NativeNF4Linear(linear4bit(torch.randn(32, 128) * 0.05, None))
+    assert not RowPadded(ours).pads and not RowPadded(StackedLinear([ours, ours])).pads
+    assert RowPadded(torch.nn.Linear(128, 32)).pads and RowPadded(StackedLinear([ours, torch.nn.Linear(128, 8)])).pads
+    x = torch.randn(3, 128)
+    assert torch.equal(RowPadded(ours)(x), ours(x))

@@ -59,6 +59,8 @@ def nf4_layout(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int
 
 
 class NativeNF4Linear(nn.Module):
+    row_invariant = True    # each output one fixed sequence of sums: no row padding needed (row_padding.py)
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         import bitsandbytes.functional as bnbf
