@@ -30,6 +30,7 @@ HEADERS = [CSRC / "lora_token_cpu.h", CSRC / "tile_linear_cpu.h"]
 # -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
 # so shares the runtime torch already loaded (one thread pool, not two).
 CFLAGS = ["-O3", "-fopenmp"]
+TILE_ROWS = 16   # output rows per tile of the weight-tile products' layouts (kRows in csrc/tile_linear_cpu.h)
 _state: dict[str, object] = {}
 
 

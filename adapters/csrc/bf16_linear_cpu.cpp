@@ -80,7 +80,7 @@ struct Bf16 {
 };
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& values, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x [m, k] float32, rows contiguous");
+  loraplex::tiles::check_input(x);
   TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kBFloat16 && values.size(2) == kRows &&
                   values.is_contiguous(), "values [n / 16, k, 16] bfloat16, contiguous");
   TORCH_CHECK(values.size(1) == x.size(1), "x has ", x.size(1), " columns, the weight ", values.size(1));

@@ -118,7 +118,7 @@ struct Nf4 {
 
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& table, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x [m, k] float32, rows contiguous");
+  loraplex::tiles::check_input(x);
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.size(2) == kRows && codes.is_contiguous(),
               "codes [n / 16, k / 2, 16] uint8, contiguous");
   TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat && scales.size(2) == kRows &&

@@ -69,6 +69,11 @@ Variant<typename F::Weight> pick(int64_t isa, const char* op) {
   return variant<W, F::template Scalar>(std::make_integer_sequence<int, F::kScalarRows>{});
 }
 
+// What every product takes as its input, checked before anything reads its shape.
+inline void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x [m, k] float32, rows contiguous");
+}
+
 // x [m, k] float32 (rows contiguous) times the `tiles` tiles of w: [m, tiles * 16] float32.
 template <class W>
 at::Tensor run(const at::Tensor& x, const W& w, int64_t tiles, const Variant<W>& v) {

@@ -20,7 +20,7 @@ SLACK = 2**-7 + 2**-8 + 2**-12
 LOGIT_ROWS = 8   # full logits are computed in products of exactly this many rows (see OutputHead.logits)
 
 
-TILE = 16   # vocabulary rows per tile of the native screen's layout
+TILE = native.TILE_ROWS
 
 
 def tiles_screen_faster(weight: torch.Tensor) -> bool:

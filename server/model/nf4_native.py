@@ -14,7 +14,7 @@ from torch import nn
 
 from ...adapters import native
 
-TILE = 16   # output rows the kernel keeps in one register per input row
+TILE = native.TILE_ROWS
 
 
 def available(layer: nn.Module) -> bool:
