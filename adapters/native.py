@@ -12,6 +12,8 @@ turns them off; without a compiler the torch ops serve instead. The server sets 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import platform
@@ -73,14 +75,33 @@ def _load() -> bool:
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        cpp_extension.load(name="loraplex_lora_cpu", sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        with _build_lock(directory):
+            cpp_extension.load(name="loraplex_lora_cpu", sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(directory), is_python_module=False, verbose=False)
         log.debug("native LoRA kernels ready in %.1fs (%s)", time.perf_counter() - started, directory)
         return hasattr(torch.ops.loraplex, "lora_shrink") and hasattr(torch.ops.loraplex, "paged_decode_attention")
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the torch ops still work
         _state["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("native LoRA kernels unavailable, using torch ops: %s", _state["error"])
         return False
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One build at a time per directory, held through a kernel lock the OS drops when its process dies.
+    torch's own lock is a plain file (`lock`) it polls for until it disappears: a build killed mid-way leaves
+    it behind and every later load would wait forever. Under our lock nobody else is building, so a `lock`
+    file found there is such a leftover and is removed."""
+    with open(directory / "build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("removing a native build lock left by a build that did not finish (%s)", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_one_thread() -> bool:
