@@ -69,7 +69,8 @@ def test_products_are_within_float32_rounding_of_the_dequantized_matmul(rows, bi
 
 def test_a_rows_bits_do_not_depend_on_the_batch_threads_or_variant():
     g = torch.Generator().manual_seed(3)
-    ours = nf4_native.NativeNF4Linear(linear4bit(torch.randn(96, 1536, generator=g) * 0.05, None))
+    # 37 tiles: blocks of the loop (kBlockTiles), tile pairs and one single tile; 37 rows: several row groups
+    ours = nf4_native.NativeNF4Linear(linear4bit(torch.randn(592, 1536, generator=g) * 0.05, None))
     x = torch.randn(37, 1536, generator=g)
     args = (ours.codes, ours.scales, ours.table)
     full = torch.ops.loraplex.nf4_linear(x, *args)
@@ -113,17 +114,17 @@ def test_bf16_tiles_multiply_by_the_exact_widening_in_every_row_alone():
     from loraplex.server.model.lm_head import bf16_tiles
 
     g = torch.Generator().manual_seed(5)
-    weight = torch.randn(100, 576, generator=g)                     # 100 rows: the last tile padded
+    weight = torch.randn(580, 576, generator=g)        # 37 tiles, the last one padded; pairs and blocks
     tiles = bf16_tiles(weight)
     x = torch.randn(21, 576, generator=g)
-    full = torch.ops.loraplex.bf16_linear(x, tiles)[:, :100]
+    full = torch.ops.loraplex.bf16_linear(x, tiles)[:, :580]
     widened = weight.to(torch.bfloat16).double()
     reference, magnitude = x.double() @ widened.T, x.double().abs() @ widened.abs().T
     assert torch.all((full.double() - reference).abs() <= 576 * 2**-24 * magnitude)
     for i in (0, 20):
-        assert torch.equal(torch.ops.loraplex.bf16_linear(x[i:i + 1], tiles)[:, :100], full[i:i + 1])
+        assert torch.equal(torch.ops.loraplex.bf16_linear(x[i:i + 1], tiles)[:, :580], full[i:i + 1])
     for isa in supported_isas():
-        assert torch.equal(torch.ops.loraplex.bf16_linear(x, tiles, isa)[:, :100], full), isa
+        assert torch.equal(torch.ops.loraplex.bf16_linear(x, tiles, isa)[:, :580], full), isa
     with pytest.raises(RuntimeError, match="x has 64 columns, the weight 576"):
         torch.ops.loraplex.bf16_linear(torch.randn(2, 64), tiles)
 

@@ -25,18 +25,27 @@ struct Bf16Weight {
   int64_t k;
 };
 
-template <int T>
+// N adjacent tiles (1 or 2): each input element is broadcast once and multiplied into all N.
+template <int N, int T>
 __attribute__((target("avx512f"))) void tile_avx512(const Bf16Weight& w, int64_t tile, const Rows& r) {
-  __m512 acc[T];
-  for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[N][T];
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < T; ++i) acc[n][i] = _mm512_setzero_ps();
   const uint16_t* values = w.values + tile * w.k * kRows;
   for (int64_t c = 0; c < w.k; ++c) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + c * kRows));
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    __m512 v[N];
+    for (int n = 0; n < N; ++n) {
+      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + (n * w.k + c) * kRows));
+      v[n] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
 #pragma GCC unroll 16
-    for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[c * T + i]), v, acc[i]);
+    for (int i = 0; i < T; ++i) {
+      const __m512 xi = _mm512_set1_ps(r.x[c * T + i]);
+      for (int n = 0; n < N; ++n) acc[n][i] = _mm512_fmadd_ps(xi, v[n], acc[n][i]);
+    }
   }
-  for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + tile * kRows, acc[i]);
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + (tile + n) * kRows, acc[n][i]);
 }
 
 template <int T>
@@ -73,8 +82,8 @@ void tile_scalar(const Bf16Weight& w, int64_t tile, const Rows& r) {
 
 struct Bf16 {
   using Weight = Bf16Weight;
-  static constexpr int kAvx512Rows = 16, kAvx2Rows = 8, kScalarRows = 4;
-  template <int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<T>(w, t, r); } };
+  static constexpr int kAvx512Rows = 14, kAvx2Rows = 8, kScalarRows = 4;
+  template <int N, int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<N, T>(w, t, r); } };
   template <int T> struct Avx2 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx2<T>(w, t, r); } };
   template <int T> struct Scalar { static void run(const Weight& w, int64_t t, const Rows& r) { tile_scalar<T>(w, t, r); } };
 };

@@ -33,27 +33,42 @@ struct Nf4Weight {
   int64_t k, bs;
 };
 
-// ---- AVX-512: a tile's 16 rows in one register per input row -------------------------------------------
-template <int T>
+// ---- AVX-512: a tile's 16 rows in one register per input row; N adjacent tiles (1 or 2) share each
+// input element's broadcast ---------------------------------------------------------------------------------
+template <int N, int T>
 __attribute__((target("avx512f"))) void tile_avx512(const Nf4Weight& w, int64_t tile, const Rows& r) {
-  __m512 acc[T];
-  for (int i = 0; i < T; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[N][T];
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < T; ++i) acc[n][i] = _mm512_setzero_ps();
   const __m512 table = _mm512_loadu_ps(w.table);
-  const uint8_t* codes = w.codes + tile * (w.k / 2) * kRows;
-  const float* scales = w.scales + tile * (w.k / w.bs) * kRows;
+  const int64_t pairs = w.k / 2 * kRows, blocks = w.k / w.bs * kRows;   // one tile's codes and scales
+  const uint8_t* codes = w.codes + tile * pairs;
+  const float* scales = w.scales + tile * blocks;
   for (int64_t b = 0; b < w.k / w.bs; ++b) {
-    const __m512 s = _mm512_loadu_ps(scales + b * kRows);
+    __m512 s[N];
+    for (int n = 0; n < N; ++n) s[n] = _mm512_loadu_ps(scales + n * blocks + b * kRows);
     for (int64_t c = b * w.bs; c < (b + 1) * w.bs; c += 2) {
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c / 2 * kRows)));
-      const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(q, table), s);   // vpermps reads the low 4 bits
-      const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s);
+      __m512 w0[N], w1[N];
+      for (int n = 0; n < N; ++n) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + n * pairs + c / 2 * kRows)));
+        w0[n] = _mm512_mul_ps(_mm512_permutexvar_ps(q, table), s[n]);   // vpermps reads the low 4 bits
+        w1[n] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table), s[n]);
+      }
 #pragma GCC unroll 16
-      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[c * T + i]), w0, acc[i]);
+      for (int i = 0; i < T; ++i) {
+        const __m512 xi = _mm512_set1_ps(r.x[c * T + i]);
+        for (int n = 0; n < N; ++n) acc[n][i] = _mm512_fmadd_ps(xi, w0[n], acc[n][i]);
+      }
 #pragma GCC unroll 16
-      for (int i = 0; i < T; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(r.x[c * T + T + i]), w1, acc[i]);
+      for (int i = 0; i < T; ++i) {
+        const __m512 xi = _mm512_set1_ps(r.x[c * T + T + i]);
+        for (int n = 0; n < N; ++n) acc[n][i] = _mm512_fmadd_ps(xi, w1[n], acc[n][i]);
+      }
     }
   }
-  for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + tile * kRows, acc[i]);
+  for (int n = 0; n < N; ++n)
+    for (int i = 0; i < T; ++i) _mm512_storeu_ps(r.out + i * r.ldo + (tile + n) * kRows, acc[n][i]);
 }
 
 // ---- AVX2 + FMA: a tile as two halves of 8 rows; the 16-entry table as two 8-entry lookups and a blend ---
@@ -110,8 +125,8 @@ void tile_scalar(const Nf4Weight& w, int64_t tile, const Rows& r) {
 
 struct Nf4 {
   using Weight = Nf4Weight;
-  static constexpr int kAvx512Rows = 16, kAvx2Rows = 6, kScalarRows = 4;
-  template <int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<T>(w, t, r); } };
+  static constexpr int kAvx512Rows = 12, kAvx2Rows = 6, kScalarRows = 4;
+  template <int N, int T> struct Avx512 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx512<N, T>(w, t, r); } };
   template <int T> struct Avx2 { static void run(const Weight& w, int64_t t, const Rows& r) { tile_avx2<T>(w, t, r); } };
   template <int T> struct Scalar { static void run(const Weight& w, int64_t t, const Rows& r) { tile_scalar<T>(w, t, r); } };
 };
