@@ -2,7 +2,8 @@
 (`csrc/lora_cpu.cpp`, with `lora_token_cpu.cpp` for one-token segments), the slot copy
 (`csrc/slot_copy_cpu.cpp`), paged decode attention (`csrc/decode_attention_cpu.cpp`) and, for CPUs without
 AVX512-BF16, the NF4 and bfloat16 weight-tile products (`csrc/nf4_linear_cpu.cpp`, `csrc/bf16_linear_cpu.cpp`
-on `csrc/tile_linear_cpu.h`), one library.
+on `csrc/tile_linear_cpu.h`), and the greedy screen's candidate choice (`csrc/greedy_screen_cpu.cpp`), one
+library.
 
 `make install` builds them (`python -m loraplex.adapters.native`); at run time `available()` only loads the
 cached library (or builds it once if it is missing). `--no-native-kernels` (`LORAPLEX_NATIVE_KERNELS=0`)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lora_cpu.cpp", "lora_token_cpu.cpp", "slot_copy_cpu.cpp", "decode_attention_cpu.cpp",
-                                             "nf4_linear_cpu.cpp", "bf16_linear_cpu.cpp")]
+                                             "nf4_linear_cpu.cpp", "bf16_linear_cpu.cpp", "greedy_screen_cpu.cpp")]
 HEADERS = [CSRC / "lora_token_cpu.h", CSRC / "tile_linear_cpu.h"]
 # -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
 # so shares the runtime torch already loaded (one thread pool, not two).

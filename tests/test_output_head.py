@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from loraplex.adapters import native
 from loraplex.server.engine.runner import _runs
-from loraplex.server.model.lm_head import OutputHead
+from loraplex.server.model.lm_head import SLACK, OutputHead
 
 
 @pytest.fixture(scope="module", params=["torch", "tiles"])
@@ -49,3 +49,22 @@ def test_banned_tokens_are_never_chosen(head):
 ])
 def test_runs_of_equal_lengths(lengths, runs):
     assert _runs(lengths) == runs
+
+
+def test_native_candidates_are_the_torch_expressions(head, monkeypatch):
+    """The native candidate choice (greedy_screen_cpu.cpp) keeps exactly the tokens the torch expression
+    keeps, banned tokens included."""
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    hidden = torch.randn(24, head.weight.shape[1], generator=torch.Generator().manual_seed(9)) * 2
+    scores = head._screen_scores(hidden)
+    scores[3, :100] = float("-inf")
+    norms = hidden.norm(dim=1)
+    tokens, counts = torch.ops.loraplex.screen_candidates(scores, norms, head.row_norms, SLACK)
+    slack = SLACK * norms.unsqueeze(1) * head.row_norms
+    keep = scores + slack >= (scores - slack).amax(dim=-1, keepdim=True)
+    assert torch.equal(counts, keep.sum(dim=1)) and torch.equal(tokens, keep.nonzero()[:, 1])
+    assert counts.min() >= 1 and not (tokens[counts[:3].sum():counts[:4].sum()] < 100).any()
+    monkeypatch.setattr(native, "available", lambda: False)       # the fallback: the torch expression itself
+    fallback = head._candidates(scores, norms)
+    assert torch.equal(fallback[0], tokens) and torch.equal(fallback[1], counts)

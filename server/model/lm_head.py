@@ -72,20 +72,26 @@ class OutputHead:
                 logits[i, list(ids)] = float("-inf")
             return logits.argmax(dim=-1).tolist()
         scores = self._screen_scores(hidden)                                         # [n, vocab]
-        slack = SLACK * hidden.norm(dim=1, keepdim=True) * self.row_norms           # [n, vocab]
-        low = scores - slack
         for i, ids in enumerate(banned or ()):
-            low[i, list(ids)] = float("-inf")
-        floor = low.amax(dim=-1, keepdim=True)    # the best allowed token's fp32 logit is at least this
-        keep = scores + slack >= floor            # tokens whose fp32 logit may reach it
-        for i, ids in enumerate(banned or ()):
-            keep[i, list(ids)] = False
-        tokens = []
-        for i in range(hidden.shape[0]):
-            candidates = keep[i].nonzero().squeeze(1)        # ascending, so ties resolve to the first index
-            exact = F.linear(hidden[i:i + 1], self.weight.index_select(0, candidates))
-            tokens.append(int(candidates[exact.argmax()]))
-        return tokens
+            scores[i, list(ids)] = float("-inf")      # neither a bound for the others nor a candidate
+        tokens, counts = self._candidates(scores, hidden.norm(dim=1))
+        rows = self.weight.index_select(0, tokens)                                  # [candidates, hidden]
+        chosen = []
+        for i, (start, count) in enumerate(zip(counts.cumsum(0).sub(counts).tolist(), counts.tolist())):
+            exact = F.linear(hidden[i:i + 1], rows[start:start + count])    # ascending: ties go to the first
+            chosen.append(start + exact.argmax())
+        return tokens[torch.stack(chosen)].tolist()
+
+    def _candidates(self, scores: torch.Tensor, hidden_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token whose float32 logit may reach the row's best lower bound (each score +- its slack),
+        ascending per row: (tokens [total] int64, counts [n]). The native op computes the same bounds
+        without the [n, vocab] temporaries."""
+        if native.available():
+            return torch.ops.loraplex.screen_candidates(scores, hidden_norms.contiguous(), self.row_norms, SLACK)
+        slack = SLACK * hidden_norms.unsqueeze(1) * self.row_norms                # [n, vocab]
+        floor = (scores - slack).amax(dim=-1, keepdim=True)   # the best allowed token's fp32 logit is at least this
+        keep = scores + slack >= floor                        # tokens whose fp32 logit may reach it
+        return keep.nonzero()[:, 1], keep.sum(dim=1)
 
     def _screen_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32: each token's score against the bf16 copy of its row."""
