@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lora_cpu.cpp", "lora_token_cpu.cpp", "slot_copy_cpu.cpp", "decode_attention_cpu.cpp",
-                                             "nf4_linear_cpu.cpp", "bf16_linear_cpu.cpp", "greedy_screen_cpu.cpp")]
+                                             "nf4_linear_cpu.cpp", "bf16_linear_cpu.cpp", "greedy_screen_cpu.cpp",
+                                             "layer_ops_cpu.cpp")]
 HEADERS = [CSRC / "lora_token_cpu.h", CSRC / "tile_linear_cpu.h"]
 # -fopenmp makes at::parallel_for's inline OpenMP region real; the library links libgomp.so.1 by soname and
 # so shares the runtime torch already loaded (one thread pool, not two).

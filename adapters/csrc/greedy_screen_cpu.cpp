@@ -23,7 +23,7 @@
 namespace {
 
 // One row: (bound * |x|) as `scale`, the row's scores s, the tokens' norms; appends its candidates to kept.
-__attribute__((optimize("fp-contract=off"))) void row_scalar(const float* s, const float* norms, int64_t vocab,
+void row_scalar(const float* s, const float* norms, int64_t vocab,
                                                              float scale, std::vector<int64_t>& kept) {
   float floor = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < vocab; ++t) floor = std::max(floor, s[t] - scale * norms[t]);
@@ -52,7 +52,8 @@ __attribute__((target("avx512f"))) void row_avx512(const float* s, const float* 
 
 // scores [n, >= vocab] float32 (a banned token's score set to -inf), hidden_norms [n], row_norms [vocab]:
 // (tokens, counts): row i's candidates ascending, counts[i] of them, rows one after another. No fused
-// multiply-adds, so each bound is the torch expression's bits.
+// multiply-adds (the build is ISO C++, -std=c++20, where GCC contracts nothing), so each bound is the torch
+// expression's bits.
 std::tuple<at::Tensor, at::Tensor> screen_candidates(const at::Tensor& scores, const at::Tensor& hidden_norms,
                                                      const at::Tensor& row_norms, double bound) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat && scores.stride(1) == 1,

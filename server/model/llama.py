@@ -2,13 +2,15 @@
 
 Plain math: RMSNorm, rotary embeddings, grouped-query attention with a paged KV cache, SwiGLU.
 Linear layers are created as `nn.Linear` and swapped for 4-bit ones at load (see loader.py);
-this file does not know about quantization or adapters.
+this file does not know about quantization or adapters. On a CPU in float32 inference, RMSNorm and rotary
+are one native call each (`adapters/csrc/layer_ops_cpu.cpp`) instead of several torch calls.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...adapters import native
 from .config import ModelConfig
 from .context import StepContext
 from .decode_attention import attend_decode
@@ -21,6 +23,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and _native_fits(x) and self.weight.dtype == torch.float32:
+            return torch.ops.loraplex.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -57,6 +61,11 @@ class Rotary(nn.Module):
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
+def _native_fits(x: torch.Tensor) -> bool:
+    """A float32 CPU tensor outside autograd, with the native kernels built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and native.available()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -81,10 +90,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos, sin, ctx: StepContext) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.reshape(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.reshape(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k = self._rotated_qk(qkv, cos, sin)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(n, self.num_kv_heads, self.head_dim)
         self.k_cache[ctx.write_rows] = k
         self.v_cache[ctx.write_rows] = v
         if ctx.pieces is not None:
@@ -92,6 +100,17 @@ class Attention(nn.Module):
         else:
             out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+    def _rotated_qk(self, qkv: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [n, heads, dim] and k [n, kv_heads, dim] of the packed projection, rotated."""
+        n = qkv.shape[0]
+        if _native_fits(qkv):      # q and k side by side, rotated in one call
+            qk = qkv[:, :self.q_size + self.kv_size].reshape(n, self.num_heads + self.num_kv_heads, self.head_dim)
+            torch.ops.loraplex.rotary_(qk, cos, sin)
+            return qk[:, :self.num_heads], qk[:, self.num_heads:]
+        q, k = qkv[:, :self.q_size], qkv[:, self.q_size:self.q_size + self.kv_size]
+        return (apply_rotary(q.reshape(n, self.num_heads, self.head_dim), cos, sin),
+                apply_rotary(k.reshape(n, self.num_kv_heads, self.head_dim), cos, sin))
 
     def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         # Prompts attend only to themselves (no cached prefix), causally, one sequence at a time.
