@@ -5,7 +5,8 @@
 // Each output is one fixed sequence of fused multiply-adds over the columns in increasing order, so it
 // depends only on its own input row and the weight, never on the batch, the threads or the tiling, and the
 // AVX-512, AVX2+FMA and scalar (std::fma) variants give the same bits. A format (its `Weight` and three
-// kernel templates, one per instruction set, each for T input rows) supplies how a column is read.
+// kernel templates, one per instruction set, each for T input rows, the AVX-512 one also for N = 1 or 2
+// adjacent tiles) supplies how a column is read.
 
 #pragma once
 
