@@ -23,8 +23,7 @@
 namespace {
 
 // One row: (bound * |x|) as `scale`, the row's scores s, the tokens' norms; appends its candidates to kept.
-void row_scalar(const float* s, const float* norms, int64_t vocab,
-                                                             float scale, std::vector<int64_t>& kept) {
+void row_scalar(const float* s, const float* norms, int64_t vocab, float scale, std::vector<int64_t>& kept) {
   float floor = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < vocab; ++t) floor = std::max(floor, s[t] - scale * norms[t]);
   for (int64_t t = 0; t < vocab; ++t)

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and _native_fits(x) and self.weight.dtype == torch.float32:
+        if x.dim() == 2 and x.stride(1) == 1 and _native_fits(x) and self.weight.dtype == torch.float32:
             return torch.ops.loraplex.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()

@@ -86,7 +86,7 @@ class OutputHead:
         """Every token whose float32 logit may reach the row's best lower bound (each score +- its slack),
         ascending per row: (tokens [total] int64, counts [n]). The native op computes the same bounds
         without the [n, vocab] temporaries."""
-        if native.available():
+        if scores.device.type == "cpu" and native.available():
             return torch.ops.loraplex.screen_candidates(scores, hidden_norms.contiguous(), self.row_norms, SLACK)
         slack = SLACK * hidden_norms.unsqueeze(1) * self.row_norms                # [n, vocab]
         floor = (scores - slack).amax(dim=-1, keepdim=True)   # the best allowed token's fp32 logit is at least this
