@@ -135,9 +135,9 @@ def decode_section(results: dict) -> list[str]:
         "## Decode throughput",
         "",
         f"B prompts of exactly {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens each, greedy. "
-        f"Best of {s['repeats']} rounds{' (after a warm-up round)' if s['warmup_round'] else ''}. "
-        "Floors are per decode step, "
-        f"weights only (see *Method*).",
+        f"Throughputs: the best of {s['repeats']} rounds{' (after a warm-up round)' if s['warmup_round'] else ''}; "
+        "ours against a floor: the median over the rounds of that round's ratio (ours and the floors measured "
+        "a few seconds apart, see *Noise*). Floors are per decode step, weights only (see *Method*).",
         "",
         "| batch | loraplex tok/s | HF tok/s | loraplex / HF | dequant floor tok/s | loraplex / dequant floor "
         "| fused floor tok/s | loraplex / fused floor |",
@@ -213,8 +213,9 @@ def method_section(results: dict) -> list[str]:
         "floor measurement runs on a short-lived thread of its own, and the main thread runs no torch work. "
         "The reason: torch's OpenMP runtime (libgomp) keeps one worker pool per thread that has run parallel "
         "work, and once pools hold more threads than there are cores it stops spin-waiting between parallel "
-        "regions, which slows every step by about 1.5x here. So each peer runs with exactly one pool. Each "
-        "decode round also builds a fresh engine and stops it before HF runs.",
+        "regions, which slows every step by about 1.5x here. So each peer runs with exactly one pool. In each "
+        "decode round every batch size gets a fresh engine, which is stopped before that batch's floors are "
+        "measured; HF runs after all of them.",
         "",
         "- **Decode tokens/s** = B × (N − 1) / (time from the first generated token to the last one). "
         "Ours: timestamps taken in each request's sink (all B prompts are prefilled in one step); "
@@ -225,8 +226,7 @@ def method_section(results: dict) -> list[str]:
         "`bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type='nf4')`; one step = "
         "`torch.ops.bitsandbytes.dequantize_4bit` of every weight + `F.linear` at batch B, plus the fp32 "
         "lm_head matmul. Floor tok/s = B / step time, where the step time is the sum over these calls of each "
-        f"call's fastest time in {s['floor_repeats']} passes (so a neighbour's burst during one call stays out), "
-        "best of the rounds. "
+        f"call's fastest time in {s['floor_repeats']} passes (so a neighbour's burst during one call stays out). "
         "It leaves out attention, norms, rotary, sampling, the KV cache and all Python.",
         "- **Fused floor**: the same weights as the modules our NF4 backend makes (on a CPU with AVX512-BF16 "
         "bitsandbytes `Linear4bit`, which repacks the weight once and runs bitsandbytes' fused 4-bit kernel in "
@@ -249,8 +249,11 @@ def method_section(results: dict) -> list[str]:
         "The machine is small and shared, and a neighbour's burst can slow a multi-threaded step many times over "
         "(torch's worker threads wait for a descheduled peer). So each measurement first waits (up to 2 min) for "
         "a 1 s window in which other processes use < 5% of the CPU, and records the share they used while it "
-        "ran (`*_foreign_cpu` in `engine.json`, from /proc/stat minus this process's own CPU time). Decode "
-        "and floor numbers are the best of the rounds (every round is in `engine.json`, `*_all`); within a "
+        "ran (`*_foreign_cpu` in `engine.json`, from /proc/stat minus this process's own CPU time). The VM's "
+        "own speed also drifts, by up to a third from one minute to the next, which /proc/stat does not show; "
+        "so ours and its floors at one batch size are measured back to back in each round and compared within "
+        "the round (`ours_vs_floor_*_rounds`), and the table shows the median of those ratios. Decode and "
+        "floor throughputs are the best of the rounds (every round is in `engine.json`, `*_all`); within a "
         "round the floor takes each call's fastest time; the online workload runs "
         f"{s['online_rounds']} round(s) per peer, alternating, and the round with the higher throughput is shown "
         "(all rounds' throughputs are in `engine.json`, `throughput_all`). "
