@@ -108,6 +108,37 @@ def test_only_float32_compute_on_unrepacked_nf4_runs_here():
     assert not nf4_native.available(torch.nn.Linear(128, 32))
 
 
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    pytest.skip("/proc/cpuinfo names no flags")
+
+
+def test_the_best_variant_is_the_one_the_cpu_flags_allow():
+    flags = cpu_flags()
+    expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "scalar"
+    assert native.tile_isa() == ISAS[expected]
+
+
+def test_a_cpu_with_only_the_scalar_variant_keeps_the_library_paths(monkeypatch):
+    """Without AVX2 the tile products would be 10-60x slower than bitsandbytes' and torch's own paths."""
+    from loraplex.server.model.lm_head import OutputHead
+    from loraplex.server.model.nf4 import NF4Backend
+
+    layer = linear4bit(torch.randn(32, 128) * 0.05, None)
+    assert nf4_native.available(layer)
+    monkeypatch.setattr(native, "tile_isa", lambda: ISAS["scalar"])
+    assert not nf4_native.available(layer)
+    weight = torch.randn(32, 128) * 0.05
+    module = NF4Backend().quantize(weight, None, torch.device("cpu"), torch.float32)
+    assert not isinstance(module, nf4_native.NativeNF4Linear)
+    x = torch.randn(3, 128)
+    assert torch.allclose(module(x), x @ dequantized(linear4bit(weight, None)).T, atol=1e-5)
+    assert not OutputHead(torch.randn(64, 32)).tiles
+
+
 def test_bf16_tiles_multiply_by_the_exact_widening_in_every_row_alone():
     """The output head's native screen (bf16_linear_cpu.cpp): float32 rows times a bfloat16 weight, within
     float32 rounding of float64 on the widened weight, each row's bits its own on every variant."""

@@ -147,8 +147,13 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return loraplex::tiles::run(x, w, tiles, loraplex::tiles::pick<Nf4>(isa, "nf4_linear"));
 }
 
+// The best variant this CPU runs (tiles::Isa: 1 scalar, 2 AVX2+FMA, 3 AVX-512), for the Python side to choose
+// between these products and bitsandbytes' or torch's own.
+int64_t tile_isa() { return loraplex::tiles::best_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("nf4_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, int isa=0) -> Tensor", &nf4_linear);
+  m.def("tile_isa() -> int", &tile_isa);
 }

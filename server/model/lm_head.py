@@ -24,9 +24,10 @@ TILE = native.TILE_ROWS
 
 
 def tiles_screen_faster(weight: torch.Tensor) -> bool:
-    """Whether our bf16 kernel screens faster than torch here: a CPU without AVX512-BF16, kernels built."""
+    """Whether our bf16 kernel screens faster than torch here: a CPU without AVX512-BF16 but with AVX2 or
+    AVX-512, kernels built (`native.tile_products_fast`)."""
     bf16_instructions = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return weight.device.type == "cpu" and not bf16_instructions and native.available()
+    return weight.device.type == "cpu" and not bf16_instructions and native.tile_products_fast()
 
 
 def bf16_tiles(weight: torch.Tensor) -> torch.Tensor:

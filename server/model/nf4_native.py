@@ -19,7 +19,8 @@ TILE = native.TILE_ROWS
 
 def available(layer: nn.Module) -> bool:
     """Whether `layer` (a bitsandbytes Linear4bit on the CPU) can run on this kernel: NF4 with float32
-    compute, whole even blocks per row, and the native kernels built."""
+    compute, whole even blocks per row, and the native kernels built with a vector variant for this CPU
+    (`native.tile_products_fast`: without AVX2 bitsandbytes' own path is faster)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -29,7 +30,7 @@ def available(layer: nn.Module) -> bool:
     state = layer.weight.quant_state
     return (state.quant_type == "nf4" and layer.compute_dtype in (None, torch.float32) and state.blocksize % 2 == 0
             and state.shape[1] % state.blocksize == 0 and not getattr(state, "packing_format_for_cpu", False)
-            and native.available())
+            and native.tile_products_fast())
 
 
 def block_scales(state) -> torch.Tensor:
