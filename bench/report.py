@@ -74,12 +74,12 @@ def goals(results: dict) -> list[tuple[str, str, bool]]:
         found.append((f"decode ≥ {GOAL_FUSED_FRACTION} of the fused floor (batch {low}–{high})",
                       f"{min(fused):.2f} – {max(fused):.2f}", min(fused) >= GOAL_FUSED_FRACTION))
     found.append((f"online throughput ≥ {GOAL_ONLINE_RATIO}× HF", f"{online:.2f}×", online >= GOAL_ONLINE_RATIO))
-    chunked = results["online"]["chunked"]
-    spread = chunked["itl_p99_s"] / chunked["itl_p50_s"]
-    found.append((f"chunked prefill: inter-token p99 ≤ {GOAL_ITL_SPREAD}× p50", f"{spread:.2f}×",
-                  spread <= GOAL_ITL_SPREAD))
-    kept = results["online"]["chunked_vs_whole"]["throughput"]
-    found.append(("chunked prefill: throughput ≥ whole prompts'", f"{kept:.2f}×", kept >= 1.0))
+    paired = results["online"]["chunked_rounds"]
+    spread, kept = paired["itl_spread_median"], paired["throughput_vs_whole_median"]
+    found.append((f"chunked prefill: inter-token p99 ≤ {GOAL_ITL_SPREAD}× p50 (median of the rounds)",
+                  f"{spread:.2f}×", spread <= GOAL_ITL_SPREAD))
+    found.append(("chunked prefill: throughput ≥ whole prompts' (median of the rounds' ratios)", f"{kept:.2f}×",
+                  kept >= 1.0))
     return found
 
 
@@ -189,9 +189,18 @@ def online_section(results: dict) -> list[str]:
         lines.append(f"| {name} | {ours * scale:{fmt}} | {hf * scale:{fmt}} | {ours / hf:.2f} | "
                      f"{chunked * scale:{fmt}} | {chunked / ours:.2f} |")
     spread = {peer: o[peer]["itl_p99_s"] / o[peer]["itl_p50_s"] for peer in ("ours", "chunked", "hf")}
+    paired = o["chunked_rounds"]
     lines += ["", f"Inter-token p99 / p50: loraplex {spread['ours']:.2f}, with chunked prefill "
-                  f"{spread['chunked']:.2f}, HF {spread['hf']:.2f}."]
+                  f"{spread['chunked']:.2f}, HF {spread['hf']:.2f} (the rounds shown). Round by round, chunked "
+                  f"prefill's p99 / p50 was {_listed(paired['itl_spread'])} (whole prompts "
+                  f"{_listed(paired['whole_itl_spread'])}) and its throughput "
+                  f"{_listed(paired['throughput_vs_whole'])}× the whole prompts' run beside it; the goals take "
+                  f"the medians, {paired['itl_spread_median']:.2f} and {paired['throughput_vs_whole_median']:.2f}×."]
     return lines + [""]
+
+
+def _listed(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def method_section(results: dict) -> list[str]:
@@ -256,7 +265,9 @@ def method_section(results: dict) -> list[str]:
         "floor throughputs are the best of the rounds (every round is in `engine.json`, `*_all`); within a "
         "round the floor takes each call's fastest time; the online workload runs "
         f"{s['online_rounds']} round(s) per peer, alternating, and the round with the higher throughput is shown "
-        "(all rounds' throughputs are in `engine.json`, `throughput_all`). "
+        "(all rounds' throughputs are in `engine.json`, `throughput_all`); chunked prefill runs right after "
+        "whole prompts in each round and is judged against it round by round (`chunked_rounds`), since one "
+        "round's tail moves with the VM's speed as much as with the step composition. "
         + (f"A measurement during which others used more than {s['max_foreign'] * 100:.0f}% of the CPU is taken "
            f"again (up to {s['retries']} times) and the least disturbed one kept." if s["wait_quiet"] else
            "This run did not wait for quiet moments or retry disturbed measurements (`--quick` / `--no-wait`)."),
