@@ -200,9 +200,9 @@ def run_online(hf_model, tokenizer, s: Settings, model: str) -> dict:
 def chunked_rounds(rounds: dict) -> dict:
     """Chunked prefill against whole prompts within each round (the two ran back to back, so they saw the
     machine at about the same speed), and the medians over the rounds: what the goals are judged on."""
-    spread = [run["itl_p99_s"] / run["itl_p50_s"] for run, _ in rounds["chunked"]]
+    spread = [report.itl_spread(run) for run, _ in rounds["chunked"]]
     kept = [c["throughput_tok_s"] / w["throughput_tok_s"] for (c, _), (w, _) in zip(rounds["chunked"], rounds["ours"])]
-    whole = [run["itl_p99_s"] / run["itl_p50_s"] for run, _ in rounds["ours"]]
+    whole = [report.itl_spread(run) for run, _ in rounds["ours"]]
     return {"itl_spread": spread, "throughput_vs_whole": kept, "whole_itl_spread": whole,
             "itl_spread_median": statistics.median(spread), "throughput_vs_whole_median": statistics.median(kept)}
 

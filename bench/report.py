@@ -188,7 +188,7 @@ def online_section(results: dict) -> list[str]:
         ours, hf, chunked = o["ours"][key], o["hf"][key], o["chunked"][key]
         lines.append(f"| {name} | {ours * scale:{fmt}} | {hf * scale:{fmt}} | {ours / hf:.2f} | "
                      f"{chunked * scale:{fmt}} | {chunked / ours:.2f} |")
-    spread = {peer: o[peer]["itl_p99_s"] / o[peer]["itl_p50_s"] for peer in ("ours", "chunked", "hf")}
+    spread = {peer: itl_spread(o[peer]) for peer in ("ours", "chunked", "hf")}
     paired = o["chunked_rounds"]
     lines += ["", f"Inter-token p99 / p50: loraplex {spread['ours']:.2f}, with chunked prefill "
                   f"{spread['chunked']:.2f}, HF {spread['hf']:.2f} (the rounds shown). Round by round, chunked "
@@ -197,6 +197,11 @@ def online_section(results: dict) -> list[str]:
                   f"{_listed(paired['throughput_vs_whole'])}× the whole prompts' run beside it; the goals take "
                   f"the medians, {paired['itl_spread_median']:.2f} and {paired['throughput_vs_whole_median']:.2f}×."]
     return lines + [""]
+
+
+def itl_spread(run: dict) -> float:
+    """An online run's inter-token p99 / p50."""
+    return run["itl_p99_s"] / run["itl_p50_s"]
 
 
 def _listed(values: list[float]) -> str:
